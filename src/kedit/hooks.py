@@ -1,0 +1,143 @@
+"""Named hook points on adapter sites, with context-manager lifetimes.
+
+Sites (per block ``l``):
+- ``key``        input of W_out          ``[batch, pos, d_ff]``
+- ``key_output`` output of W_out         ``[batch, pos, d_model]``
+- ``block``      residual after block l  ``[batch, pos, d_model]``
+
+Callbacks always see a tensor, whether the block returns a tensor or a tuple (transformers changed
+this between versions), and every hook is removed in ``__exit__`` even when the forward raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from kedit.arch import ArchitectureAdapter
+
+Index = tuple[torch.Tensor, torch.Tensor]  # (batch rows [m], positions [m]) -> gathers [m, width]
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end the forward pass after the deepest layer that is needed."""
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _gather(x: torch.Tensor, index: Index | None) -> torch.Tensor:
+    return x if index is None else x[index[0], index[1]]
+
+
+class Trace:
+    """Capture and patch activations for one or more forward passes.
+
+    >>> with Trace(adapter) as tr:
+    ...     tr.capture_key(5, index)           # W_out inputs of block 5 at (rows, positions)
+    ...     tr.add_to_block(3, index, delta)   # h_3[rows, positions] += delta (differentiable)
+    ...     tr.stop_after(5)
+    ...     tr.run(input_ids=ids, attention_mask=mask)
+    >>> tr.keys[5]                              # [m, d_ff]
+    """
+
+    def __init__(self, adapter: ArchitectureAdapter, detach: bool = True):
+        self.adapter = adapter
+        self.detach = detach
+        self.keys: dict[int, torch.Tensor] = {}
+        self.key_outputs: dict[int, torch.Tensor] = {}
+        self.blocks: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._stop_layer: int | None = None
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach() if self.detach else x
+
+    # -- capture -----------------------------------------------------------------------------
+    def capture_key(self, layer: int, index: Index | None = None) -> None:
+        """Record W_out's input at ``layer`` (``[m, d_ff]`` with an index, else ``[B, T, d_ff]``)."""
+        mod = self.adapter.w_out_modules[self.adapter.check_layer(layer)]
+
+        def hook(_m: Any, args: tuple) -> None:
+            self.keys[layer] = self._keep(_gather(args[0], index))
+
+        self._handles.append(mod.register_forward_pre_hook(hook))
+
+    def capture_key_output(self, layer: int, index: Index | None = None) -> None:
+        """Record W_out's output at ``layer``."""
+        mod = self.adapter.w_out_modules[self.adapter.check_layer(layer)]
+
+        def hook(_m: Any, _args: tuple, out: torch.Tensor) -> None:
+            self.key_outputs[layer] = self._keep(_gather(out, index))
+
+        self._handles.append(mod.register_forward_hook(hook))
+
+    def capture_block(self, layer: int, index: Index | None = None) -> None:
+        """Record the residual stream after block ``layer``."""
+        self.patch_block(layer, lambda h: self._record_block(layer, h, index))
+
+    def _record_block(self, layer: int, h: torch.Tensor, index: Index | None) -> torch.Tensor:
+        self.blocks[layer] = self._keep(_gather(h, index))
+        return h
+
+    # -- patch -------------------------------------------------------------------------------
+    def patch_block(self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace block ``layer``'s residual output ``h [B, T, d]`` by ``fn(h)``.
+
+        Hooks on the same block run in registration order, so a capture registered after a patch
+        sees the patched value.
+        """
+        block = self.adapter.blocks[self.adapter.check_layer(layer)]
+
+        def hook(_m: Any, _args: tuple, out: Any) -> Any:
+            return _replace_first(out, fn(_first(out)))
+
+        self._handles.append(block.register_forward_hook(hook))
+
+    def add_to_block(self, layer: int, index: Index, delta: torch.Tensor) -> None:
+        """``h_layer[rows, positions] += delta`` (``delta`` is ``[m, d]``; gradients flow to it)."""
+        self.patch_block(layer, lambda h: h.index_put((index[0], index[1]), delta.to(h.dtype), accumulate=True))
+
+    def set_block(self, layer: int, index: Index, values: torch.Tensor) -> None:
+        """``h_layer[rows, positions] = values`` (``values`` is ``[m, d]``)."""
+        self.patch_block(layer, lambda h: h.index_put((index[0], index[1]), values.to(h.dtype)))
+
+    def stop_after(self, layer: int) -> None:
+        """End the forward pass once block ``layer`` has run (``run`` then returns None)."""
+        self._stop_layer = self.adapter.check_layer(layer)
+
+    def run(self, **inputs: Any) -> Any:
+        """Forward the model; returns its output, or None if stopped early by ``stop_after``."""
+        handle = None
+        if self._stop_layer is not None:
+            def stop(*_: Any) -> None:
+                raise StopForward
+
+            # registered at run time so that every patch and capture on that block runs first
+            handle = self.adapter.blocks[self._stop_layer].register_forward_hook(stop)
+        try:
+            return self.adapter.model(**inputs, use_cache=False)
+        except StopForward:
+            return None
+        finally:
+            if handle is not None:
+                handle.remove()

@@ -1,0 +1,90 @@
+"""Solvers: how one layer's weights change, given keys K, wanted output changes R and statistics C.
+
+A solver never knows how its targets were built (METHODS §5-6). Each is a frozen dataclass of
+hyperparameters with ``name`` and ``solve(problem) -> Delta``; stateful solvers (sequential
+editing) also implement ``init_state(problem)`` and ``update_state(state, problem, delta)``, and
+their state lives in the editor session, never in a module global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class LayerProblem:
+    layer: int
+    K: torch.Tensor   # [f, n] float64: template-averaged keys (W_out inputs at decisive tokens)
+    R: torch.Tensor   # [d, n] float64: wanted change of the layer output at the decisive tokens
+    C: torch.Tensor   # [f, f] float64: second moment E[k k^T] of background keys
+    W: torch.Tensor   # [d, f] current weight (read only, canonical layout)
+    state: dict[str, Any] = field(default_factory=dict)  # per-layer solver state of the editor session
+
+
+@dataclass
+class Delta:
+    """A weight change in canonical ``[d, f]`` layout: ``U @ V.T`` (low rank) or ``dense``."""
+
+    U: torch.Tensor | None = None   # [d, r]
+    V: torch.Tensor | None = None   # [f, r]
+    dense_: torch.Tensor | None = None  # [d, f]
+
+    def dense(self) -> torch.Tensor:
+        return self.dense_ if self.dense_ is not None else self.U @ self.V.T
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.U is None else self.U.shape[1]
+
+    def is_finite(self) -> bool:
+        parts = [self.dense_] if self.dense_ is not None else [self.U, self.V]
+        return all(bool(torch.isfinite(p).all()) for p in parts)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"dense": self.dense_} if self.dense_ is not None else {"U": self.U, "V": self.V}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> Delta:
+        return cls(dense_=t["dense"]) if "dense" in t else cls(U=t["U"], V=t["V"])
+
+
+class Solver(Protocol):
+    name: str
+
+    def solve(self, p: LayerProblem) -> Delta: ...
+
+
+def cache_keys(state: dict[str, Any], K: torch.Tensor) -> None:
+    """Sequential editing: add ``K K^T`` of applied requests to ``state['C_cache']`` ([f, f])."""
+    KKt = K @ K.T
+    state["C_cache"] = state["C_cache"] + KKt if "C_cache" in state else KKt
+
+
+from kedit.solvers.memit import MEMIT  # noqa: E402
+from kedit.solvers.rome import ROME  # noqa: E402
+
+SOLVERS: dict[str, type] = {"memit": MEMIT, "rome": ROME}
+
+
+def register_solver(name: str, cls: type) -> None:
+    """Add a solver class under a new lower-case name (raises on duplicates or bad names)."""
+    if name != name.lower() or not name.isidentifier():
+        raise ValueError(f"solver name {name!r} must be a lower-case identifier")
+    if name in SOLVERS:
+        raise ValueError(f"solver {name!r} is already registered")
+    SOLVERS[name] = cls
+
+
+def make_solver(name: str, **hparams: Any) -> Solver:
+    """Instantiate a registered solver; unknown names or hyperparameters list the valid ones."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; available: {sorted(SOLVERS)}")
+    cls = SOLVERS[name]
+    valid = set(cls.__dataclass_fields__) - {"name"}
+    bad = set(hparams) - valid
+    if bad:
+        raise ValueError(f"unknown hyperparameter(s) {sorted(bad)} for solver {name!r}; valid: {sorted(valid)}")
+    return cls(**hparams)
