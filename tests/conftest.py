@@ -19,6 +19,10 @@ CORPUS_TEXT = (
 
 @pytest.fixture(scope="session")
 def tiny_tok():
+    return make_tiny_tok()
+
+
+def make_tiny_tok():
     """A byte-level BPE tokenizer trained in memory (no downloads), with pad and eos tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -36,7 +40,7 @@ def tiny_tok():
 def _tiny_config(family: str, vocab: int):
     import transformers as tf
 
-    common = dict(vocab_size=vocab)
+    common = dict(vocab_size=vocab, initializer_range=0.3)  # peaky enough for edits to move outputs
     if family == "gpt2":
         return tf.GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=128, **common)
     if family == "gptj":

@@ -1,0 +1,32 @@
+"""``kedit apply``: apply a saved patch to a freshly loaded model and show its effect."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from kedit.commands._common import add_model_args, load, print_table, snapshot
+from kedit.edit import Edit
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("patch", help="a .safetensors patch written by `kedit edit --save`")
+    p.add_argument("--force", action="store_true", help="apply even if the base weights differ")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    edit = Edit.load(args.patch)
+    model, tok = load(args)
+    before = snapshot(model, tok, edit.requests)
+    edit.apply(model, force=args.force)
+    after = snapshot(model, tok, edit.requests)
+    if args.json:
+        print(json.dumps({"patch": args.patch, "layers": edit.layers, "method": edit.record.get("method"),
+                          "requests": [{**r.to_dict(), "before": b, "after": a}
+                                       for r, b, a in zip(edit.requests, before, after)]}, indent=1))
+    else:
+        print(f"applied {edit!r}")
+        print_table(edit.requests, before, after)
+    return 0

@@ -1,0 +1,73 @@
+"""``kedit edit``: edit facts, show before/after, optionally save the patch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from kedit.commands._common import (
+    add_editor_args,
+    add_model_args,
+    load,
+    make_editor,
+    print_diagnostics,
+    print_table,
+    snapshot,
+)
+from kedit.errors import BadRequest
+from kedit.requests import EditRequest, read_requests
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_editor_args(p)
+    p.add_argument("--prompt", help="prompt with '{}' for the subject, or containing the subject once")
+    p.add_argument("--subject")
+    p.add_argument("--target", help="the new object")
+    p.add_argument("--true", dest="true_target", help="the current object (optional)")
+    p.add_argument("--requests", help="JSON/JSONL file of requests (CounterFact or kedit shape)")
+    p.add_argument("--save", help="write the edit to this .safetensors patch")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def requests_from_args(args: argparse.Namespace) -> list[EditRequest]:
+    if args.requests:
+        if args.prompt or args.subject or args.target:
+            raise BadRequest("give either --requests FILE or --prompt/--subject/--target, not both")
+        return read_requests(args.requests)
+    missing = [n for n in ("prompt", "subject", "target") if not getattr(args, n)]
+    if missing:
+        raise BadRequest(f"missing --{', --'.join(missing)} (or give --requests FILE)")
+    return [EditRequest(args.prompt, args.subject, args.target, args.true_target)]
+
+
+def run(args: argparse.Namespace) -> int:
+    requests = requests_from_args(args)
+    model, tok = load(args)
+    editor = make_editor(args, model, tok, verbose=not args.json)
+    if not args.json:
+        print(f"[kedit] method={args.method} targets={args.targets} layers={editor.layers} "
+              f"anchor={editor.anchor_cfg}", file=sys.stderr)
+    before = snapshot(model, tok, requests)
+    t0 = time.perf_counter()
+    edit = editor.apply(requests)
+    seconds = time.perf_counter() - t0
+    after = snapshot(model, tok, requests)
+    if args.save:
+        path = edit.save(args.save)
+        if not args.json:
+            print(f"[kedit] saved patch to {path}", file=sys.stderr)
+    if args.json:
+        out = {"method": args.method, "targets": args.targets, "layers": editor.layers,
+               "seconds": round(seconds, 3), "timings": edit.record["timings"],
+               "requests": [{**r.to_dict(), "before": b, "after": a} for r, b, a in zip(requests, before, after)]}
+        if "diagnostics" in edit.record:
+            out["diagnostics"] = edit.record["diagnostics"]
+        print(json.dumps(out, indent=1))
+    else:
+        print_table(requests, before, after)
+        print_diagnostics(edit.record)
+        print(f"\n[kedit] edited {len(requests)} fact(s) in {seconds:.1f} s", file=sys.stderr)
+    return 0

@@ -1,0 +1,325 @@
+"""Editor: THE edit loop, written once (METHODS §4-6).
+
+batch -> anchors (optimize.py) -> targets (targets.py) -> per edited layer, shallow to deep:
+keys K and current states from the partially edited model -> R from the targets -> solver ->
+apply -> Edit. Solvers and target constructions plug in by registry; neither knows the other.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+from typing import Any
+
+import torch
+
+import kedit
+from kedit.arch import ArchitectureAdapter
+from kedit.edit import Edit
+from kedit.errors import EditFailed, KeditError
+from kedit.hooks import Trace
+from kedit.models import model_fingerprint
+from kedit.optimize import AnchorConfig, AnchorProblem, Anchors, optimize_anchors
+from kedit.requests import EditRequest, check_batch
+from kedit.solvers import LayerProblem, make_solver
+from kedit.targets import make_targets
+from kedit.templates import context_templates
+from kedit.tokens import encode_with_subject, pad_id, pad_right, target_ids, teacher_forced
+
+KL_PROMPT = "{} is a"  # METHODS §4: protects the subject's essence
+
+
+def default_layers(n_layers: int, multi_layer: bool) -> list[int]:
+    """Layers derived from depth: an early-middle window of up to 5 (MEMIT) or one layer (ROME).
+
+    Matches the hand-tuned choices of the papers (GPT-J 3-8, Llama-3-8B 4-8, i.e. ~13% of depth).
+    """
+    start = max(1, round(0.13 * n_layers)) if n_layers > 2 else 0
+    if not multi_layer:
+        return [min(n_layers - 1, round(0.17 * n_layers))]
+    width = max(1, min(5, round(n_layers / 6)))
+    return list(range(start, min(n_layers, start + width)))
+
+
+def default_anchor_config(model, multi_layer: bool, **overrides: Any) -> AnchorConfig:
+    """Anchor hyperparameters derived from the model and method (METHODS §4)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    base = dict(lr=0.5 if n_params < 2e9 else 0.1, clamp_norm_factor=0.75 if multi_layer else 4.0)
+    return AnchorConfig(**{**base, **overrides})
+
+
+def describe(obj: Any) -> Any:
+    """JSON-able description of a method object: its name and hyperparameters, nested ones too."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {"name": obj.name} if hasattr(obj, "name") else {}
+        return {**out, **{f.name: describe(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    if isinstance(obj, list | tuple):
+        return [describe(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): describe(v) for k, v in obj.items()}
+    if isinstance(obj, str | int | float | bool) or obj is None:
+        return obj
+    return {"name": getattr(obj, "name", type(obj).__name__)}
+
+
+class _Prepared:
+    """Token-level view of a batch of requests: key-reading batch and anchor-optimisation chunks."""
+
+    def __init__(self, tok, requests: list[EditRequest], templates: list[str], chunk: int):
+        self.n, self.T = len(requests), len(templates)
+        pad = pad_id(tok)
+        seqs, decisive, req_of = [], [], []
+        self.targets = []
+        kl = []
+        for i, r in enumerate(requests):
+            self.targets.append(target_ids(tok, r.filled, r.target_new))
+            for t in templates:
+                enc = encode_with_subject(tok, t.replace("{}", r.prompt, 1), r.subject)
+                seqs.append(enc.ids)
+                decisive.append(enc.decisive)
+                req_of.append(i)
+            kl.append(encode_with_subject(tok, KL_PROMPT, r.subject))
+        # key batch: every template sequence, prompt only; row i*T is request i's bare prompt
+        self.key_ids, self.key_mask = pad_right(seqs, pad)
+        self.key_decisive = torch.tensor(decisive)
+        self.key_request = torch.tensor(req_of)
+        self.bare_rows = torch.arange(self.n) * self.T
+        self.chunks = []
+        for lo in range(0, self.n, chunk):
+            hi = min(self.n, lo + chunk)
+            rows = list(range(lo * self.T, hi * self.T))
+            tf = teacher_forced([seqs[s] for s in rows], [self.targets[req_of[s]] for s in rows], pad)
+            kl_ids, kl_mask = pad_right([kl[i].ids for i in range(lo, hi)], pad)
+            self.chunks.append(AnchorProblem(
+                rewrite=tf, rewrite_decisive=self.key_decisive[rows], rewrite_request=self.key_request[rows] - lo,
+                kl_ids=kl_ids, kl_mask=kl_mask, kl_decisive=torch.tensor([kl[i].decisive for i in range(lo, hi)]),
+                kl_last=kl_mask.sum(1) - 1, bare_rows=torch.arange(hi - lo) * self.T, n=hi - lo,
+            ))
+
+
+class Editor:
+    """Edits facts in ``model`` (in place) with one solver and one target construction.
+
+    >>> editor = Editor(model, tok, method="memit", targets="forward")
+    >>> edit = editor.apply([EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")])
+    >>> edit.undo()
+
+    ``layers``: edited layers (default derived from depth); ``stats``: a kedit.stats.StatsSpec or a
+    ``{layer: C [f, f]}`` mapping; ``anchor``: AnchorConfig overrides (dict) or an AnchorConfig;
+    other keyword arguments are the solver's hyperparameters. Sequential calls to ``apply`` carry
+    the solver state (e.g. MEMIT's ``C_cache``); ``reset()`` forgets it.
+    """
+
+    def __init__(self, model, tok, method: str | Any = "memit", targets: str | Any = "forward",
+                 layers: list[int] | None = None, *, stats: Any = None, anchor: AnchorConfig | dict | None = None,
+                 seed: int = 0, diagnostics: bool = False, verbose: bool = False, **hparams: Any):
+        self.model, self.tok = model, tok
+        self.adapter = ArchitectureAdapter.from_model(model)
+        self.solver = make_solver(method, **hparams) if isinstance(method, str) else method
+        self.builder = make_targets(targets) if isinstance(targets, str) else targets
+        multi = getattr(self.solver, "multi_layer", True)
+        self.layers = sorted(self.adapter.check_layer(int(x)) for x in (layers or default_layers(
+            self.adapter.n_layers, multi)))
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"duplicate layers in {self.layers}")
+        if not multi and len(self.layers) != 1:
+            raise ValueError(f"{self.solver.name} edits exactly one layer; got layers {self.layers}")
+        if isinstance(anchor, AnchorConfig):
+            self.anchor_cfg = anchor
+        else:
+            self.anchor_cfg = default_anchor_config(model, multi, **(anchor or {}))
+        self.stats = stats
+        self.seed = seed
+        self.diagnostics = diagnostics
+        self.verbose = verbose
+        self.fingerprint = model_fingerprint(model)
+        self.state: dict[int, dict] = {layer: {} for layer in self.layers}
+        self._C: dict[int, torch.Tensor] = {}
+        self._templates: list[str] | None = None
+        self.timings: dict[str, float] = {}
+
+    # -- configuration -----------------------------------------------------------------------
+    @property
+    def templates(self) -> list[str]:
+        if self._templates is None:
+            t0 = time.perf_counter()
+            self._templates = context_templates(self.model, self.tok, seed=self.seed, fingerprint=self.fingerprint)
+            self.timings["templates"] = time.perf_counter() - t0
+        return self._templates
+
+    def config(self) -> dict[str, Any]:
+        """Everything this editor uses: model identity, layers, hyperparameters, seed, templates."""
+        stats = "user-supplied matrices" if isinstance(self.stats, dict) else describe(self.stats)
+        return {
+            "kedit_version": kedit.__version__,
+            "model": getattr(self.model, "kedit_name", None), "revision": getattr(self.model, "kedit_revision", None),
+            "fingerprint": self.fingerprint, "architecture": self.adapter.describe(),
+            "method": self.solver.name, "solver": describe(self.solver),
+            "targets": self.builder.name, "layers": self.layers,
+            "anchor": describe(self.anchor_cfg), "stats": stats, "seed": self.seed,
+            "templates": self.templates, "kl_prompt": KL_PROMPT, "torch": torch.__version__,
+        }
+
+    def reset(self) -> None:
+        """Forget sequential-editing state (C_cache, projectors)."""
+        self.state = {layer: {} for layer in self.layers}
+
+    def _log(self, msg: str) -> None:
+        if self.verbose:
+            print(f"[kedit] {msg}", file=sys.stderr, flush=True)
+
+    # -- statistics --------------------------------------------------------------------------
+    def second_moment(self, layer: int) -> torch.Tensor:
+        """``C_layer = E[k k^T]`` [f, f] float64, computed once (for all layers in one pass) and kept."""
+        if layer not in self._C:
+            t0 = time.perf_counter()
+            if isinstance(self.stats, dict):
+                if layer not in self.stats:
+                    raise KeditError(f"no second-moment matrix supplied for layer {layer}")
+                self._C.update({k: v.double() for k, v in self.stats.items()})
+            else:
+                from kedit.stats import StatsSpec, second_moments
+
+                spec = self.stats or StatsSpec()
+                self._log(f"second-moment statistics for layers {self.layers} ({spec})")
+                self._C.update(second_moments(self.model, self.tok, self.layers, spec, adapter=self.adapter,
+                                              progress=self.verbose))
+            self.timings["stats"] = self.timings.get("stats", 0.0) + time.perf_counter() - t0
+        return self._C[layer]
+
+    # -- forward passes the targets and the loop need ------------------------------------------
+    @torch.no_grad()
+    def _read(self, prep: _Prepared, key_layers: list[int], hidden_layers: list[int],
+              chunk: int = 256) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Template-averaged keys ``{l: [n, f]}`` and bare-prompt residuals ``{l: [n, d]}`` now."""
+        device = next(self.model.parameters()).device
+        keys = {layer: torch.zeros(prep.n, self.adapter.d_ff, dtype=torch.float64) for layer in key_layers}
+        hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
+        rows_total = prep.key_ids.shape[0]
+        for lo in range(0, rows_total, chunk):
+            sl = slice(lo, min(rows_total, lo + chunk))
+            width = int(prep.key_mask[sl].sum(1).max())
+            idx = (torch.arange(sl.stop - sl.start, device=device), prep.key_decisive[sl].to(device))
+            with Trace(self.adapter) as tr:
+                for layer in key_layers:
+                    tr.capture_key(layer, idx)
+                for layer in hidden_layers:
+                    tr.capture_block(layer, idx)
+                tr.stop_after(max(key_layers + hidden_layers))
+                tr.run(input_ids=prep.key_ids[sl, :width].to(device),
+                       attention_mask=prep.key_mask[sl, :width].to(device))
+            req = prep.key_request[sl]
+            for layer in key_layers:
+                keys[layer].index_add_(0, req, tr.keys[layer].double().cpu())
+            bare = (torch.arange(sl.start, sl.stop) % prep.T) == 0
+            for layer in hidden_layers:
+                hidden[layer].append(tr.blocks[layer][bare.to(device)].float().cpu())
+        return ({k: v / prep.T for k, v in keys.items()}, {k: torch.cat(v) for k, v in hidden.items()})
+
+    @torch.no_grad()
+    def _replay(self, prep: _Prepared, layer: int, z: torch.Tensor, read_layers: list[int]) -> dict[int, torch.Tensor]:
+        """Outputs of ``read_layers`` when block ``layer`` outputs ``z`` at the decisive tokens (METHODS §6)."""
+        if not read_layers:
+            return {}
+        device = next(self.model.parameters()).device
+        rows = prep.bare_rows
+        width = int(prep.key_mask[rows].sum(1).max())
+        idx = (torch.arange(prep.n, device=device), prep.key_decisive[rows].to(device))
+        with Trace(self.adapter) as tr:
+            tr.set_block(layer, idx, z.to(device))
+            for later in read_layers:
+                tr.capture_block(later, idx)
+            tr.stop_after(max(read_layers))
+            tr.run(input_ids=prep.key_ids[rows, :width].to(device),
+                   attention_mask=prep.key_mask[rows, :width].to(device))
+        return {later: tr.blocks[later].float().cpu() for later in read_layers}
+
+    def _session(self, prep: _Prepared, log: dict[str, Any]):
+        editor = self
+
+        class Session:
+            def optimize(self, layer: int) -> Anchors:
+                t0 = time.perf_counter()
+                editor._log(f"optimising {prep.n} anchors at layer {layer}")
+                a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
+                                     pad_id(editor.tok))
+                log.setdefault("anchors", []).append({
+                    "layer": layer, "seconds": round(a.seconds, 3), "gflops": round(a.flops / 1e9, 2),
+                    "nll_start": a.nll_start.mean().item(), "nll_end": a.nll_end.mean().item(),
+                    "steps_mean": a.steps.float().mean().item(), "replay": a.extra["replay"],
+                })
+                log["optimize_seconds"] = log.get("optimize_seconds", 0.0) + time.perf_counter() - t0
+                return a
+
+            def replay(self, layer: int, z: torch.Tensor, read_layers: list[int]) -> dict[int, torch.Tensor]:
+                return editor._replay(prep, layer, z, read_layers)
+
+        return Session()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def apply(self, requests: list[EditRequest]) -> Edit:
+        """Edit the model in place for ``requests``; returns the Edit (undo, save). All or nothing."""
+        check_batch(requests)
+        t_start = time.perf_counter()
+        prep = _Prepared(self.tok, requests, self.templates, self.anchor_cfg.batch_size)
+        for layer in self.layers:
+            self.second_moment(layer)
+        log: dict[str, Any] = {}
+        targets = self.builder.build(self._session(prep, log), self.layers)
+        record = {**self.config(), "n_requests": len(requests), "edit_layers": targets.edit_layers}
+        edit = Edit(requests, record)
+        edit.targets = targets
+        pending, diag = [], []
+        t_solve = time.perf_counter()
+        final = targets.final_layer
+        try:
+            h_final_before = None
+            for j, layer in enumerate(targets.edit_layers):
+                keys, hidden = self._read(prep, [layer], sorted({layer, final}))
+                if self.diagnostics and h_final_before is None:
+                    h_final_before = hidden[final]
+                R = targets.residual(j, hidden.__getitem__)  # [n, d]
+                W = self.adapter.w_out_weight(layer).detach().double().cpu()
+                state = copy.copy(self.state[layer])
+                problem = LayerProblem(layer, K=keys[layer].T, R=R.T.double(), C=self.second_moment(layer), W=W,
+                                       state=state)
+                delta = self.solver.solve(problem)
+                edit.add_layer(self.adapter, layer, delta)
+                edit.problems[layer] = problem
+                pending.append((layer, problem, delta))
+                if self.diagnostics:
+                    diag.append(self._diagnose(prep, targets, layer, keys[layer], hidden, delta, h_final_before))
+        except Exception as e:
+            edit.undo()
+            if isinstance(e, EditFailed):
+                raise EditFailed(f"{e}; every touched layer was restored") from e
+            raise EditFailed(f"editing failed at layer {layer} ({type(e).__name__}: {e}); "
+                             "every touched layer was restored") from e
+        previous = copy.deepcopy(self.state)
+        for layer, problem, delta in pending:
+            self.state[layer] = problem.state
+            if hasattr(self.solver, "update_state"):
+                self.solver.update_state(self.state[layer], problem, delta)
+        edit._on_undo = lambda: setattr(self, "state", previous)
+        record["timings"] = {"templates": self.timings.get("templates", 0.0), "stats": self.timings.get("stats", 0.0),
+                             "optimize": log.get("optimize_seconds", 0.0), "solve": time.perf_counter() - t_solve,
+                             "total": time.perf_counter() - t_start}
+        record["anchors"] = log.get("anchors", [])
+        if diag:
+            record["diagnostics"] = diag
+        return edit
+
+    @torch.no_grad()
+    def _diagnose(self, prep, targets, layer, K, hidden, delta, h_final_before) -> dict[str, Any]:
+        """Remaining residual at the last layer, cos(own change, induced change), update norm."""
+        final = targets.final_layer
+        _, after = self._read(prep, [layer], sorted({layer, final}))
+        z = targets.final_target
+        start = (z - h_final_before).norm(dim=-1)
+        own = (K.double() @ delta.dense().T.double()).float()  # [n, d] this layer's output change
+        induced = after[final] - hidden[final]  # [n, d] change it caused at the last layer
+        cos = torch.nn.functional.cosine_similarity(own, induced, dim=-1)
+        return {"layer": layer, "residual_ratio": ((z - after[final]).norm(dim=-1) / start).mean().item(),
+                "cos_own_induced": cos.mean().item(), "delta_norm": delta.dense().norm().item()}

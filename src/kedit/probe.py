@@ -1,0 +1,43 @@
+"""Quick looks at a model: probability of a target after a prompt, greedy continuations.
+
+Used by ``kedit edit``/``apply``/``demo`` to show before and after; the evaluation harness has the
+full metric suite (kedit.eval).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kedit.tokens import pad_id, target_ids, teacher_forced
+
+
+@torch.no_grad()
+def target_probs(model, tok, prompts: list[str], targets: list[str]) -> list[float]:
+    """P(target | prompt) for each pair: the product of the teacher-forced token probabilities."""
+    prompt_ids = [tok(p)["input_ids"] for p in prompts]
+    tgt = [target_ids(tok, p, t) for p, t in zip(prompts, targets, strict=True)]
+    tf = teacher_forced(prompt_ids, tgt, pad_id(tok))
+    device = next(model.parameters()).device
+    logits = model(input_ids=tf.input_ids.to(device), attention_mask=tf.attention_mask.to(device)).logits
+    logp = torch.log_softmax(logits[tf.rows, tf.positions].float(), -1).gather(1, tf.labels[:, None].to(device))[:, 0]
+    total = torch.zeros(len(prompts)).index_add(0, tf.seq, logp.cpu())
+    return total.exp().tolist()
+
+
+@torch.no_grad()
+def greedy(model, tok, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
+    """Greedy continuations (text after the prompt), batched with left padding."""
+    device = next(model.parameters()).device
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True).to(device)
+    finally:
+        tok.padding_side = side
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tok))
+    return [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+
+
+def starts_with_target(continuation: str, target: str) -> bool:
+    """Whether a continuation begins with ``target`` (leading whitespace and case ignored)."""
+    return continuation.strip().lower().startswith(target.strip().lower())

@@ -1,0 +1,213 @@
+"""The edit loop on tiny models: update maths, undo, save/load, transactions, every solver x target pair."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny
+
+from kedit.arch import ArchitectureAdapter
+from kedit.edit import Edit
+from kedit.editor import Editor, default_layers
+from kedit.errors import BadRequest, EditFailed
+from kedit.requests import EditRequest
+from kedit.solvers import SOLVERS, Delta
+from kedit.targets import TARGETS
+
+REQS = [
+    EditRequest("The capital of {} is", "France", "Berlin", "Paris"),
+    EditRequest("{} plays", "Michael Jordan", "the violin", "basketball"),
+    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "German", "French"),
+]
+FAST = {"steps": 4, "lr": 1.0, "clamp_norm_factor": 4.0}
+
+
+def _identity_stats(model, layers):
+    f = ArchitectureAdapter.from_model(model).d_ff
+    return {layer: torch.eye(f, dtype=torch.float64) for layer in layers}
+
+
+def _low_rank_stats(model, layers, seed=0):
+    """C = X^T X / N from N = f/2 random keys: half its spectrum is a null space (AlphaEdit needs one)."""
+    f = ArchitectureAdapter.from_model(model).d_ff
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in layers:
+        X = torch.randn(f // 2, f, generator=g, dtype=torch.float64)
+        out[layer] = X.T @ X / X.shape[0]
+    return out
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]])).logits
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_memit_one_request_maps_key_onto_target(tiny_tok, family):
+    """C = I, lam = 1e-6: W' k = W k + R to 1e-4 relative (GPT-2 exercises the Conv1D layout)."""
+    model = make_tiny(family, tiny_tok)
+    editor = Editor(model, tiny_tok, method="memit", targets="onelayer", layers=[2], lam=1e-6,
+                    stats=_identity_stats(model, [2]), anchor=FAST)
+    w_before = editor.adapter.w_out_weight(2).detach().clone().double()
+    edit = editor.apply(REQS[:1])
+    p = edit.problems[2]
+    w_after = editor.adapter.w_out_weight(2).detach().double()
+    change = (w_after - w_before) @ p.K  # [d, 1]
+    assert p.R.norm() > 0
+    torch.testing.assert_close(change, p.R, rtol=1e-4, atol=1e-4 * p.R.norm().item())
+
+
+def test_memit_several_requests_match_direct_least_squares(tiny_tok):
+    model = make_tiny("llama", tiny_tok)
+    lam = 0.5
+    editor = Editor(model, tiny_tok, method="memit", targets="onelayer", layers=[2], lam=lam,
+                    stats=_identity_stats(model, [2]), anchor=FAST)
+    edit = editor.apply(REQS)
+    p = edit.problems[2]
+    K, R = p.K.numpy(), p.R.numpy()  # [f, n], [d, n]
+    f = K.shape[0]
+    # min ||D K - R||^2 + lam ||D||^2  <=>  lstsq of D [K, sqrt(lam) I] = [R, 0]
+    A = np.concatenate([K, np.sqrt(lam) * np.eye(f)], axis=1)
+    B = np.concatenate([R, np.zeros((R.shape[0], f))], axis=1)
+    direct = np.linalg.lstsq(A.T, B.T, rcond=None)[0].T
+    np.testing.assert_allclose(edit.deltas[2].dense().numpy(), direct, rtol=1e-6, atol=1e-9)
+
+
+def test_undo_restores_bit_identical_weights(tiny_tok):
+    model = make_tiny("gpt2", tiny_tok)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = Editor(model, tiny_tok, layers=[1, 2], stats=_identity_stats(model, [1, 2]), anchor=FAST)
+    edit = editor.apply(REQS)
+    assert any(not torch.equal(state[k], v) for k, v in model.state_dict().items())
+    edit.undo()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_saved_patch_reapplied_to_fresh_model_gives_identical_logits(tiny_tok, tmp_path):
+    model = make_tiny("llama", tiny_tok)
+    editor = Editor(model, tiny_tok, layers=[1, 2], stats=_identity_stats(model, [1, 2]), anchor=FAST)
+    edit = editor.apply(REQS)
+    edited = _logits(model)
+    path = edit.save(tmp_path / "patch.safetensors")
+    fresh = make_tiny("llama", tiny_tok)
+    loaded = Edit.load(path)
+    assert loaded.layers == [1, 2] and loaded.requests == edit.requests
+    assert loaded.record["method"] == "memit" and loaded.record["targets"] == "forward"
+    loaded.apply(fresh)
+    assert torch.equal(_logits(fresh), edited)
+    loaded.undo()
+    assert torch.equal(_logits(fresh), _logits(make_tiny("llama", tiny_tok)))
+    with loaded.applied(fresh):
+        assert torch.equal(_logits(fresh), edited)
+
+
+def test_patch_refuses_other_base_and_touches_nothing(tiny_tok, tmp_path):
+    model = make_tiny("llama", tiny_tok)
+    edit = Editor(model, tiny_tok, layers=[1, 2], stats=_identity_stats(model, [1, 2]), anchor=FAST).apply(REQS)
+    other = make_tiny("llama", tiny_tok, seed=1)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(EditFailed, match="differs"):
+        Edit.load(edit.save(tmp_path / "p.safetensors")).apply(other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_corrupt_patch_file_is_reported(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a patch")
+    from kedit.errors import KeditError
+
+    with pytest.raises(KeditError, match="bad.safetensors"):
+        Edit.load(bad)
+
+
+class _NaNOnSecondLayer:
+    name = "nan"
+    multi_layer = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def solve(self, p):
+        self.calls += 1
+        d, f = p.W.shape
+        value = float("nan") if self.calls == 2 else 1e-3
+        return Delta(dense_=torch.full((d, f), value, dtype=torch.float64))
+
+
+def test_failed_edit_restores_every_layer(tiny_tok):
+    model = make_tiny("llama", tiny_tok)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = Editor(model, tiny_tok, method=_NaNOnSecondLayer(), layers=[1, 2], stats=_identity_stats(model, [1, 2]),
+                    anchor=FAST)
+    with pytest.raises(EditFailed, match="layer 2.*restored"):
+        editor.apply(REQS)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_requests(tiny_tok):
+    model = make_tiny("llama", tiny_tok)
+    editor = Editor(model, tiny_tok, layers=[1], stats=_identity_stats(model, [1]), anchor=FAST)
+    with pytest.raises(BadRequest, match="conflicting"):
+        editor.apply([REQS[0], EditRequest("The capital of {} is", "France", "Madrid")])
+    with pytest.raises(BadRequest, match="no edit requests"):
+        editor.apply([])
+    with pytest.raises(ValueError, match="out of range"):
+        Editor(model, tiny_tok, layers=[7])
+    with pytest.raises(ValueError, match="unknown solver"):
+        Editor(model, tiny_tok, method="nope")
+    with pytest.raises(ValueError, match="unknown target"):
+        Editor(model, tiny_tok, targets="nope")
+    with pytest.raises(ValueError, match="exactly one layer"):
+        Editor(model, tiny_tok, method="rome", layers=[1, 2])
+
+
+def test_default_layers_follow_depth():
+    assert default_layers(30, True) == [4, 5, 6, 7, 8]
+    assert default_layers(28, True) == [4, 5, 6, 7, 8]
+    assert len(default_layers(30, False)) == 1
+    assert default_layers(4, True) == [1]
+
+
+def test_forward_replay_targets_reproduce_themselves(tiny_tok):
+    """Replaying z_1 on the unedited model gives z_2..z_L; replaying z_j at layer j gives the later ones."""
+    model = make_tiny("llama", tiny_tok)
+    editor = Editor(model, tiny_tok, targets="forward", layers=[1, 2, 3], stats=_identity_stats(model, [1, 2, 3]),
+                    anchor=FAST)
+    from kedit.editor import _Prepared
+
+    prep = _Prepared(tiny_tok, REQS, editor.templates, 8)
+    targets = editor.builder.build(editor._session(prep, {}), editor.layers)
+    z = targets.per_layer
+    again = editor._replay(prep, 1, z[1], [2, 3])
+    torch.testing.assert_close(again[2], z[2], rtol=0, atol=0)
+    from_two = editor._replay(prep, 2, z[2], [3])
+    torch.testing.assert_close(from_two[3], z[3], rtol=1e-5, atol=1e-5)
+
+
+def test_backward_shares_sum_to_the_residual():
+    from kedit.optimize import Anchors
+    from kedit.targets import Targets
+
+    z = torch.randn(2, 4)
+    h = torch.randn(2, 4)
+    t = Targets([1, 2, 3], 3, z, [Anchors(3, z, h, z - h, torch.zeros(2), torch.zeros(2), torch.zeros(2))], share=True)
+    shares = [t.residual(j, lambda _layer: h) for j in range(3)]
+    torch.testing.assert_close(shares[0], (z - h) / 3)
+    torch.testing.assert_close(shares[2], z - h)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", sorted(SOLVERS))
+@pytest.mark.parametrize("targets", sorted(TARGETS))
+def test_every_solver_and_target_pair_runs(tiny_tok, family, method, targets):
+    model = make_tiny(family, tiny_tok)
+    layers = [2] if method == "rome" else [1, 2]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = Editor(model, tiny_tok, method=method, targets=targets, layers=layers,
+                    stats=_low_rank_stats(model, layers), anchor=FAST, diagnostics=True)
+    edit = editor.apply(REQS[:2])
+    assert edit.layers and all(layer in layers for layer in edit.layers)
+    assert all(edit.deltas[layer].dense().abs().sum() > 0 for layer in edit.layers)
+    assert len(edit.record["diagnostics"]) == len(edit.layers)
+    edit.undo()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,79 @@
+import pytest
+import torch
+from conftest import make_tiny
+
+from kedit.editor import Editor, _Prepared
+from kedit.optimize import AnchorConfig, optimize_anchors
+from kedit.requests import EditRequest
+from kedit.tokens import pad_id
+
+REQS = [
+    EditRequest("The capital of {} is", "France", "Berlin", "Paris"),
+    EditRequest("{} plays", "Michael Jordan", "the violin", "basketball"),
+    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "German", "French"),
+    EditRequest("{} is located in", "The Eiffel Tower", "Rome", "Paris"),
+]
+
+
+def _anchors(editor, reqs, layer, cfg, chunk):
+    prep = _Prepared(editor.tok, reqs, editor.templates, chunk)
+    return optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, cfg, pad_id(editor.tok))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_batched_equals_one_by_one(tiny_tok, family):
+    model = make_tiny(family, tiny_tok)
+    editor = Editor(model, tiny_tok, layers=[1, 2])
+    cfg = AnchorConfig(steps=8, lr=0.2, early_stop_nll=0.0)
+    batched = _anchors(editor, REQS, 1, cfg, chunk=len(REQS))
+    assert batched.extra["replay"]
+    for i, r in enumerate(REQS):
+        single = _anchors(editor, [r], 1, cfg, chunk=1)
+        torch.testing.assert_close(batched.z[i], single.z[0], rtol=2e-4, atol=2e-5)
+        torch.testing.assert_close(batched.nll_end[i], single.nll_end[0], rtol=1e-3, atol=1e-4)
+
+
+def test_shrinking_batch_and_early_stop_match_single(tiny_tok):
+    model = make_tiny("llama", tiny_tok)
+    editor = Editor(model, tiny_tok, layers=[1])
+    # a high early-stop threshold makes requests finish at different steps, which shrinks the batch
+    cfg = AnchorConfig(steps=12, lr=1.0, clamp_norm_factor=4.0, early_stop_nll=7.6)
+    batched = _anchors(editor, REQS, 1, cfg, chunk=len(REQS))
+    singles = [_anchors(editor, [r], 1, cfg, chunk=1) for r in REQS]
+    steps = torch.stack([s.steps[0] for s in singles])
+    assert steps.unique().numel() > 1, "test needs requests that stop at different steps"
+    torch.testing.assert_close(batched.steps, steps)
+    for i, s in enumerate(singles):
+        torch.testing.assert_close(batched.z[i], s.z[0], rtol=2e-4, atol=2e-5)
+
+
+def test_optimisation_lowers_nll_and_respects_clamp(tiny_tok):
+    model = make_tiny("llama", tiny_tok)
+    editor = Editor(model, tiny_tok, layers=[2])
+    a = _anchors(editor, REQS, 2, AnchorConfig(steps=10, lr=1.0, clamp_norm_factor=4.0), chunk=4)
+    assert (a.nll_end < a.nll_start - 0.05).all()
+    torch.testing.assert_close(a.z, a.h + a.delta)
+    clamped = _anchors(editor, REQS, 2, AnchorConfig(steps=10, lr=1.0, clamp_norm_factor=0.05), chunk=4)
+    norms = clamped.delta.norm(dim=-1) / clamped.h.norm(dim=-1)
+    assert (norms <= 0.05 + 1e-5).all() and (norms > 0.049).all()
+
+
+def test_full_forward_fallback_matches_replay(tiny_tok, monkeypatch):
+    model = make_tiny("llama", tiny_tok)
+    editor = Editor(model, tiny_tok, layers=[1])
+    cfg = AnchorConfig(steps=5, lr=0.3, early_stop_nll=0.0)
+    fast = _anchors(editor, REQS, 1, cfg, chunk=4)
+    import kedit.optimize as opt
+
+    monkeypatch.setattr(opt.torch, "allclose", lambda *a, **k: False)  # force the fallback path
+    slow = _anchors(editor, REQS, 1, cfg, chunk=4)
+    assert not slow.extra["replay"]
+    torch.testing.assert_close(fast.z, slow.z, rtol=2e-4, atol=2e-5)
+
+
+def test_deterministic(tiny_tok):
+    model = make_tiny("llama", tiny_tok)
+    editor = Editor(model, tiny_tok, layers=[1])
+    cfg = AnchorConfig(steps=5)
+    a, b = _anchors(editor, REQS, 1, cfg, 4), _anchors(editor, REQS, 1, cfg, 4)
+    assert torch.equal(a.z, b.z)
