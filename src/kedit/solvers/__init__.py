@@ -63,10 +63,20 @@ def cache_keys(state: dict[str, Any], K: torch.Tensor) -> None:
     state["C_cache"] = state["C_cache"] + KKt if "C_cache" in state else KKt
 
 
+from kedit.solvers.alphaedit import AlphaEdit  # noqa: E402
+from kedit.solvers.emmet import EMMET  # noqa: E402
 from kedit.solvers.memit import MEMIT  # noqa: E402
+from kedit.solvers.post import Prune, Rect  # noqa: E402
 from kedit.solvers.rome import ROME  # noqa: E402
 
-SOLVERS: dict[str, type] = {"memit": MEMIT, "rome": ROME}
+SOLVERS: dict[str, type] = {
+    "memit": MEMIT,
+    "rome": ROME,
+    "alphaedit": AlphaEdit,
+    "emmet": EMMET,
+    "prune": Prune,
+    "rect": Rect,
+}
 
 
 def register_solver(name: str, cls: type) -> None:

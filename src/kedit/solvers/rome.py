@@ -2,7 +2,8 @@
 
 ``Delta = (v* - W k*) (C^-1 k*)^T / (k*^T C^-1 k*)`` with the template-averaged key ``k*`` used in
 both places. With several requests the rank-one updates are applied one after another, each on the
-residual left by the previous ones, so every request's key maps exactly onto its target.
+residual left by the previous ones (ROME's sequential protocol): each request is exact when it is
+applied, and later updates may disturb earlier keys. For an exact batch use EMMET with ``eps=0``.
 """
 
 from __future__ import annotations

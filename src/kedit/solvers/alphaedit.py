@@ -1,0 +1,72 @@
+"""AlphaEdit: MEMIT-style least squares projected onto the null space of the preserved keys (METHODS §5).
+
+``P = U U^T`` with ``U`` the eigenvectors of ``C`` whose eigenvalues fall below a threshold: directions
+that background keys (almost) never take. The update solves (AlphaEdit paper, Eq. 14/15, L2 = ``I``'s weight)
+``Delta^T = solve(P (K K^T + C_cache) + L2 I, P K R^T)``, i.e. it minimises
+``||Delta K - R||^2 + ||Delta K_prev||^2 + L2 ||Delta||^2`` over updates of the form ``Delta = Delta~ P``,
+so ``Delta k0 = 0`` for every key ``k0`` in the span of C's large-eigenvalue eigenvectors, whatever
+``C_cache`` holds. Kept as the rank-n factorisation ``Delta = R X^T`` with ``X = solve(M, P K)``
+(``M`` is not symmetric, so ``Delta = R (M^-1 P K)^T``); ``X`` lies in the range of ``P``.
+The projector is computed once per layer from ``C`` and cached in the editor's per-layer ``state``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kedit.solvers import Delta, LayerProblem, cache_keys
+
+
+@dataclass(frozen=True)
+class AlphaEdit:
+    name: ClassVar[str] = "alphaedit"
+    multi_layer: ClassVar[bool] = True
+    # Eigenvalues of C below this span the preserved-null space. Relative by default (a fraction of
+    # C's largest eigenvalue): the paper's absolute 0.02 was tuned for GPT2-XL/GPT-J/Llama3-8B key
+    # scales, and key norms (hence C's eigenvalues) differ by orders of magnitude between models.
+    threshold: float = 1e-2
+    relative: bool = True  # False: `threshold` is absolute (paper: nullspace_threshold = 2e-2)
+    L2: float = 10.0  # weight of ||Delta P||^2 (paper's hparam "L2"): keeps M invertible, limits the norm
+    sequential_cache: bool = True  # keep C_cache = sum K K^T of earlier batches (paper's cache_c)
+
+    def __post_init__(self) -> None:
+        if not self.threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {self.threshold}")
+        if self.relative and self.threshold >= 1:
+            raise ValueError(f"threshold must be < 1 when relative=True (fraction of C's largest eigenvalue), "
+                             f"got {self.threshold}")
+        if not self.L2 > 0:
+            raise ValueError(f"L2 must be > 0 (M is singular without it), got {self.L2}")
+
+    def projector(self, p: LayerProblem) -> torch.Tensor:
+        """``P`` [f, f] float64 onto the span of C's small-eigenvalue eigenvectors, cached in ``p.state['P']``."""
+        if "P" not in p.state:
+            evals, evecs = torch.linalg.eigh(p.C.double())  # ascending; [f], [f, f]
+            cut = self.threshold * evals[-1].clamp(min=0) if self.relative else self.threshold
+            U = evecs[:, evals < cut]  # [f, m]
+            if U.shape[1] == 0:
+                warnings.warn(f"AlphaEdit: no eigenvalue of C below {float(cut):.3g} at layer {p.layer}: "
+                              "the null space is empty and every update will be zero", stacklevel=2)
+            p.state["P"] = U @ U.T  # [f, f]
+            p.state["null_dim"] = torch.tensor(U.shape[1])
+        return p.state["P"]
+
+    def solve(self, p: LayerProblem) -> Delta:
+        K, R = p.K.double(), p.R.double()  # [f, n], [d, n]
+        P = self.projector(p).to(K.device)  # [f, f]
+        A = K @ K.T  # [f, f]
+        if "C_cache" in p.state:
+            A = A + p.state["C_cache"]
+        M = P @ A + self.L2 * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)  # [f, f], not symmetric
+        X = torch.linalg.solve(M, P @ K)  # [f, n]: Delta^T = X R^T
+        return Delta(U=R, V=X)
+
+    def update_state(self, state: dict, p: LayerProblem, delta: Delta) -> None:
+        # The paper adds K K^T of the batch after all layers are edited (keys recomputed on the edited
+        # model); here the keys the solve used are cached, as for MEMIT.
+        if self.sequential_cache:
+            cache_keys(state, p.K.double())

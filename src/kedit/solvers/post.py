@@ -1,0 +1,112 @@
+"""PRUNE and RECT: post-processing of another solver's Delta, MEMIT's by default (METHODS §5).
+
+Each wraps a ``base`` solver: ``solve`` runs the base and restrains its Delta, ``update_state`` is the
+base's (so sequential editing keeps the base's ``C_cache``). The base is a solver object, a registry name
+or a config dict with a ``name``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from kedit.solvers import Delta, LayerProblem
+from kedit.solvers.memit import MEMIT
+
+
+@dataclass(frozen=True)
+class _PostProcess:
+    multi_layer: ClassVar[bool] = True
+    # the solver whose Delta is post-processed: an object, a SOLVERS name or a config {"name": ..., **hparams}
+    base: Any = field(default_factory=MEMIT)
+
+    def __post_init__(self) -> None:
+        from kedit.solvers import make_solver  # defined after the registry imports this module
+
+        if isinstance(self.base, str):
+            object.__setattr__(self, "base", make_solver(self.base))
+        elif isinstance(self.base, dict) and "name" in self.base:
+            object.__setattr__(self, "base", make_solver(**self.base))
+        if not callable(getattr(self.base, "solve", None)):
+            raise ValueError(f"base must be a solver (with solve()) or a registered name, got {self.base!r}")
+
+    def update_state(self, state: dict, p: LayerProblem, delta: Delta) -> None:
+        if hasattr(self.base, "update_state"):
+            self.base.update_state(state, p, delta)
+
+
+def _svd(delta: Delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``Delta = L diag(s) Rv^T``: ``L`` [d, r], ``s`` [r] (descending), ``Rv`` [f, r]; r = rank bound."""
+    if delta.U is None:
+        L, s, Vh = torch.linalg.svd(delta.dense().double(), full_matrices=False)
+        return L, s, Vh.T
+    # U V^T = Qu (Ru Rv^T) Qv^T: only an r x r SVD, never the [d, f] matrix
+    Qu, Ru = torch.linalg.qr(delta.U.double())  # [d, r], [r, r]
+    Qv, Rv = torch.linalg.qr(delta.V.double())  # [f, r], [r, r]
+    A, s, Bh = torch.linalg.svd(Ru @ Rv.T)  # [r, r], [r], [r, r]
+    return Qu @ A, s, Qv @ Bh.T
+
+
+@dataclass(frozen=True)
+class Prune(_PostProcess):
+    """PRUNE (Ma et al. 2024): log-compress the singular values of Delta above ``sigma_max(W)``.
+
+    With ``b = sigma_max(W)``: ``sigma -> min(sigma, b + log_alpha(sigma) - log_alpha(b))`` for
+    ``sigma > b`` (PRUNE's F, as in its public ``func_log`` / ``func_logn``), others unchanged. The
+    ``min`` only matters when ``b ln(alpha) < 1`` (F would then enlarge sigma just above b; alpha = 1.2
+    needs b >= 5.5), so it never changes PRUNE's result where PRUNE restrains.
+    Singular vectors are kept; the result is the rank-<=n factorisation from the SVD factors. ``b`` is
+    taken from the first W seen at this layer (the unedited weight) and cached in ``state['W_sigma_max']``,
+    so every sequential batch is bounded by the original model's spectrum, as in the paper. Each batch's
+    Delta is restrained on its own (the paper restrains the accumulated edit; not done here).
+    """
+
+    name: ClassVar[str] = "prune"
+    alpha: float = math.e  # base of the log in F (PRUNE's code offers e, 2, 1.5 and 1.2)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.alpha > 1:
+            raise ValueError(f"alpha (log base) must be > 1, got {self.alpha}")
+
+    def solve(self, p: LayerProblem) -> Delta:
+        L, s, Rv = _svd(self.base.solve(p))  # [d, r], [r], [f, r]
+        if "W_sigma_max" not in p.state:
+            p.state["W_sigma_max"] = torch.linalg.matrix_norm(p.W.double(), ord=2)  # [] spectral norm
+        b = p.state["W_sigma_max"].to(s)
+        F = b + (torch.log(s) - torch.log(b)) / math.log(self.alpha)  # [r]; -inf where s == 0 (unused)
+        s = torch.where(s > b, torch.minimum(s, F), s)
+        return Delta(U=L * s, V=Rv)
+
+
+@dataclass(frozen=True)
+class Rect(_PostProcess):
+    """RECT (Gu et al. 2024): keep the top ``keep`` fraction of Delta's entries, zero the rest (dense Delta).
+
+    Exactly ``round(keep * d * f)`` entries are kept, unchanged. Ranked by ``|Delta_ij|`` (METHODS §5), or
+    by the relative change ``|Delta_ij| / |W_ij|`` (the paper's "RElative Change in weighT") with
+    ``relative=True``, against the current weight.
+    """
+
+    name: ClassVar[str] = "rect"
+    keep: float = 0.6  # fraction of entries kept (METHODS §5: top 60%)
+    relative: bool = False  # rank by |Delta| / |W| instead of |Delta|
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"keep must be in (0, 1], got {self.keep}")
+
+    def solve(self, p: LayerProblem) -> Delta:
+        D = self.base.solve(p).dense().double()  # [d, f]
+        score = D.abs()
+        if self.relative:  # |W_ij| = 0 -> inf (kept first); 0 / 0 -> nan -> 0
+            score = torch.nan_to_num(score / p.W.double().abs().to(D.device), nan=0.0)
+        k = round(self.keep * D.numel())
+        idx = torch.topk(score.flatten(), k, sorted=False).indices  # [k]
+        mask = torch.zeros(D.numel(), dtype=torch.bool, device=D.device)
+        mask[idx] = True
+        return Delta(dense_=torch.where(mask.view_as(D), D, torch.zeros((), dtype=D.dtype, device=D.device)))
