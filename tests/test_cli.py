@@ -1,0 +1,58 @@
+"""Subprocess smoke tests of the CLI on a tiny saved model; JSON schema of the output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import CORPUS_TEXT, make_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from conftest import make_tiny_tok
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tiny_tok()
+    make_tiny("llama", tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "corpus.txt").write_text(CORPUS_TEXT * 5)
+    return d
+
+
+def kedit(*args, home):
+    env = {**os.environ, "KEDIT_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "kedit.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_edit_json_save_and_apply(tiny_dir, tmp_path):
+    patch = tmp_path / "p.safetensors"
+    r = kedit("edit", "--model", tiny_dir, "--layers", "1,2", "--steps", "3", "--corpus", tiny_dir / "corpus.txt",
+              "--tokens", "1500", "--prompt", "The capital of {} is", "--subject", "France", "--target", "Berlin",
+              "--true", "Paris", "--json", "--save", patch, "--diagnostics", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["method"] == "memit" and out["targets"] == "forward" and out["layers"] == [1, 2]
+    assert out["seconds"] > 0 and len(out["diagnostics"]) == 2
+    req = out["requests"][0]
+    for phase in ("before", "after"):
+        assert set(req[phase]) == {"p_new", "p_true", "generation"}
+    assert req["after"]["p_new"] != req["before"]["p_new"]
+    assert patch.is_file()
+    r = kedit("apply", "--model", tiny_dir, patch, "--json", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    applied = json.loads(r.stdout)["requests"][0]
+    assert applied["after"]["p_new"] == pytest.approx(req["after"]["p_new"], rel=1e-5)
+
+
+def test_cli_errors_are_clear(tiny_dir, tmp_path):
+    r = kedit("edit", "--model", "nope-model", "--prompt", "{} is", "--subject", "A", "--target", "B", home=tmp_path)
+    assert r.returncode == 2 and "unknown model 'nope-model'" in r.stderr
+    r = kedit("edit", "--model", tiny_dir, "--prompt", "The capital is", "--subject", "France", "--target", "B",
+              home=tmp_path)
+    assert r.returncode == 2 and "absent" in r.stderr
+    r = kedit("edit", "--model", tiny_dir, "--layers", "9", "--prompt", "{} is", "--subject", "A", "--target", "B",
+              home=tmp_path)
+    assert r.returncode != 0 and "out of range" in r.stderr
