@@ -27,13 +27,14 @@ def _identity_stats(model, layers):
 
 
 def _low_rank_stats(model, layers, seed=0):
-    """C = X^T X / N from N = f/2 random keys: half its spectrum is a null space (AlphaEdit needs one)."""
+    """C = X^T X / N + 0.01 I from N = f/2 random keys: half its spectrum is tiny (a null space for AlphaEdit)
+    while C stays invertible (MEMIT, ROME)."""
     f = ArchitectureAdapter.from_model(model).d_ff
     g = torch.Generator().manual_seed(seed)
     out = {}
     for layer in layers:
         X = torch.randn(f // 2, f, generator=g, dtype=torch.float64)
-        out[layer] = X.T @ X / X.shape[0]
+        out[layer] = X.T @ X / X.shape[0] + 0.01 * torch.eye(f, dtype=torch.float64)
     return out
 
 
@@ -211,3 +212,33 @@ def test_every_solver_and_target_pair_runs(tiny_tok, family, method, targets):
     assert len(edit.record["diagnostics"]) == len(edit.layers)
     edit.undo()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_apply_each_equals_separate_applies(tiny_tok):
+    model = make_tiny("llama", tiny_tok)
+    stats = _low_rank_stats(model, [1, 2])
+    editor = Editor(model, tiny_tok, layers=[1, 2], stats=stats, anchor=FAST)
+    singles = []
+    for edit in editor.apply_each(REQS):
+        singles.append(edit.deltas[2].dense().clone())
+        edit.undo()
+    for i, r in enumerate(REQS):
+        edit = editor.apply([r])
+        torch.testing.assert_close(edit.deltas[2].dense(), singles[i], rtol=1e-4, atol=1e-8)
+        edit.undo()
+    with pytest.raises(Exception, match="undo"):
+        for _edit in editor.apply_each(REQS[:2]):
+            pass
+
+
+def test_sequential_state_carried_and_rolled_back_by_undo(tiny_tok):
+    model = make_tiny("llama", tiny_tok)
+    editor = Editor(model, tiny_tok, layers=[1, 2], stats=_low_rank_stats(model, [1, 2]), anchor=FAST)
+    first = editor.apply(REQS[:2])
+    cache = editor.state[2]["C_cache"].clone()
+    second = editor.apply(REQS[2:])
+    assert not torch.equal(editor.state[2]["C_cache"], cache)
+    second.undo()
+    assert torch.equal(editor.state[2]["C_cache"], cache)
+    first.undo()
+    assert "C_cache" not in editor.state[2]

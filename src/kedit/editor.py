@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -259,21 +260,56 @@ class Editor:
         return Session()
 
     # -- the loop ------------------------------------------------------------------------------
-    def apply(self, requests: list[EditRequest]) -> Edit:
-        """Edit the model in place for ``requests``; returns the Edit (undo, save). All or nothing."""
+    def prepare(self, requests: list[EditRequest]) -> tuple[_Prepared, Any, dict[str, Any]]:
+        """Validate, tokenise, compute statistics and build the targets (before any weight changes)."""
         check_batch(requests)
-        t_start = time.perf_counter()
         prep = _Prepared(self.tok, requests, self.templates, self.anchor_cfg.batch_size)
         for layer in self.layers:
             self.second_moment(layer)
         log: dict[str, Any] = {}
         targets = self.builder.build(self._session(prep, log), self.layers)
+        return prep, targets, log
+
+    def apply(self, requests: list[EditRequest]) -> Edit:
+        """Edit the model in place for ``requests``; returns the Edit (undo, save). All or nothing.
+
+        Sequential use: the solver state (e.g. ``C_cache``) is carried to the next ``apply``.
+        """
+        t_start = time.perf_counter()
+        prep, targets, log = self.prepare(requests)
+        edit, pending = self._edit_loop(requests, prep, targets, log)
+        previous = copy.deepcopy(self.state)
+        for layer, problem, delta in pending:
+            self.state[layer] = problem.state
+            if hasattr(self.solver, "update_state"):
+                self.solver.update_state(self.state[layer], problem, delta)
+        edit._on_undo = lambda: setattr(self, "state", previous)
+        edit.record["timings"]["total"] = time.perf_counter() - t_start
+        return edit
+
+    def apply_each(self, requests: list[EditRequest]) -> Iterator[Edit]:
+        """Single-request editing: all anchors optimised in one batch, then each request applied alone.
+
+        Yields each applied Edit; the caller scores it and must ``undo()`` it before the next one
+        (the solver state is not carried: every edit starts from the same weights).
+        """
+        prep, targets, log = self.prepare(requests)
+        for i, request in enumerate(requests):
+            sub = _Prepared(self.tok, [request], self.templates, 1)
+            edit, _ = self._edit_loop([request], sub, targets.select([i]), log)
+            yield edit
+            if edit.is_applied:
+                raise KeditError("apply_each: undo() each yielded edit before asking for the next one")
+
+    def _edit_loop(self, requests, prep: _Prepared, targets, log: dict[str, Any]) -> tuple[Edit, list]:
+        """Per edited layer, shallow to deep: current keys and states -> R -> solve -> apply."""
         record = {**self.config(), "n_requests": len(requests), "edit_layers": targets.edit_layers}
         edit = Edit(requests, record)
         edit.targets = targets
         pending, diag = [], []
         t_solve = time.perf_counter()
         final = targets.final_layer
+        layer = targets.edit_layers[0]
         try:
             h_final_before = None
             for j, layer in enumerate(targets.edit_layers):
@@ -282,9 +318,8 @@ class Editor:
                     h_final_before = hidden[final]
                 R = targets.residual(j, hidden.__getitem__)  # [n, d]
                 W = self.adapter.w_out_weight(layer).detach().double().cpu()
-                state = copy.copy(self.state[layer])
                 problem = LayerProblem(layer, K=keys[layer].T, R=R.T.double(), C=self.second_moment(layer), W=W,
-                                       state=state)
+                                       state=copy.copy(self.state[layer]))
                 delta = self.solver.solve(problem)
                 edit.add_layer(self.adapter, layer, delta)
                 edit.problems[layer] = problem
@@ -297,19 +332,12 @@ class Editor:
                 raise EditFailed(f"{e}; every touched layer was restored") from e
             raise EditFailed(f"editing failed at layer {layer} ({type(e).__name__}: {e}); "
                              "every touched layer was restored") from e
-        previous = copy.deepcopy(self.state)
-        for layer, problem, delta in pending:
-            self.state[layer] = problem.state
-            if hasattr(self.solver, "update_state"):
-                self.solver.update_state(self.state[layer], problem, delta)
-        edit._on_undo = lambda: setattr(self, "state", previous)
         record["timings"] = {"templates": self.timings.get("templates", 0.0), "stats": self.timings.get("stats", 0.0),
-                             "optimize": log.get("optimize_seconds", 0.0), "solve": time.perf_counter() - t_solve,
-                             "total": time.perf_counter() - t_start}
+                             "optimize": log.get("optimize_seconds", 0.0), "solve": time.perf_counter() - t_solve}
         record["anchors"] = log.get("anchors", [])
         if diag:
             record["diagnostics"] = diag
-        return edit
+        return edit, pending
 
     @torch.no_grad()
     def _diagnose(self, prep, targets, layer, K, hidden, delta, h_final_before) -> dict[str, Any]:

@@ -37,6 +37,11 @@ class Targets:
     per_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # fixed targets z_l [n, d], if any
     share: bool = False              # backward spreading: R = (z_L - h_L) / (layers left)
 
+    def select(self, rows: list[int]) -> Targets:
+        """The targets of requests ``rows`` only (single-request editing after batched anchors)."""
+        return Targets(self.edit_layers, self.final_layer, self.final_target[rows], self.anchors,
+                       {k: v[rows] for k, v in self.per_layer.items()}, self.share)
+
     def residual(self, j: int, hidden: Hidden) -> torch.Tensor:
         """Wanted output change ``R [n, d]`` of edited layer ``edit_layers[j]`` given current states."""
         if self.share:
