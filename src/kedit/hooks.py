@@ -135,7 +135,7 @@ class Trace:
             # registered at run time so that every patch and capture on that block runs first
             handle = self.adapter.blocks[self._stop_layer].register_forward_hook(stop)
         try:
-            return self.adapter.model(**inputs, use_cache=False)
+            return self.adapter.model(**{"use_cache": False, **inputs})
         except StopForward:
             return None
         finally:

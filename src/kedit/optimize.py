@@ -7,10 +7,13 @@ Requests are independent, so the summed loss gives each ``delta_i`` exactly its 
 is run per row (the same update as ``torch.optim.Adam``), requests that reach the early-stop NLL are
 frozen, and once 40% of them are done the batch (with the captured block arguments) shrinks.
 
-Speed: the layers up to ``a`` do not depend on delta, so they run once (no grad); each step replays
-only the blocks above ``a`` with the keyword arguments captured from that first pass, and the LM
-head is applied only at target positions. The replay is checked against the real forward at step 0
-and kedit falls back to full forward passes for an architecture where it does not match.
+Speed: the layers up to ``a`` do not depend on delta, and neither do the tokens before the decisive
+token (causal attention). Rows are left-aligned on the decisive token, the layers up to ``a`` run
+once (no grad), and each step replays only the blocks above ``a`` on the suffix columns, reusing
+the prefix keys/values from a cache and the block arguments captured from a real pass; the LM head
+is applied only at target positions. The replay is checked against the real forward before the
+first step, and kedit falls back to full forward passes where it does not match (e.g. sliding-window
+caches).
 """
 
 from __future__ import annotations
@@ -76,43 +79,100 @@ class Anchors:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _joint_batch(p: AnchorProblem, pad: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Rewrite and KL sequences in one right-padded batch: ``(ids, mask, n_rewrite_rows)``."""
-    a, b = p.rewrite.input_ids, p.kl_ids
-    width = max(a.shape[1], b.shape[1])
-    ids = torch.full((a.shape[0] + b.shape[0], width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    ids[: a.shape[0], : a.shape[1]], mask[: a.shape[0], : a.shape[1]] = a, p.rewrite.attention_mask
-    ids[a.shape[0]:, : b.shape[1]], mask[a.shape[0]:, : b.shape[1]] = b, p.kl_mask
-    return ids, mask, a.shape[0]
+@dataclass
+class _Layout:
+    """Rewrite and KL rows left-aligned on the decisive token: it sits at column ``P`` in every row.
+
+    Columns before ``P`` never see delta (causal attention), so above the anchor layer only the
+    suffix columns ``P..W`` are recomputed; the prefix keys/values stay cached.
+    """
+
+    ids: torch.Tensor        # [B, W] left-padded so that every decisive token is at column P
+    mask: torch.Tensor       # [B, W]
+    pos: torch.Tensor        # [B, W] position ids (left padding makes them row-specific)
+    P: int
+    row_req: torch.Tensor    # [B] request of each row
+    row_kl: torch.Tensor     # [B] whether the row is a KL prompt
+    row_last: torch.Tensor   # [B] suffix column read for the KL distribution (end of the KL prompt)
+    tok_row: torch.Tensor    # [m] row of each scored target token
+    tok_col: torch.Tensor    # [m] suffix column whose logits predict it
+    labels: torch.Tensor     # [m]
+    tok_weight: torch.Tensor  # [m] 1 / (tokens of its sequence * templates of its request)
 
 
-class _Replay:
-    """Runs blocks ``layer+1 ..`` on a residual stream, with the arguments captured from a real pass."""
+def _layout(p: AnchorProblem, pad: int) -> _Layout:
+    tf = p.rewrite
+    seqs = [tf.input_ids[r, : int(tf.attention_mask[r].sum())].tolist() for r in range(tf.n)]
+    seqs += [p.kl_ids[i, : int(p.kl_mask[i].sum())].tolist() for i in range(p.n)]
+    dec = torch.cat([p.rewrite_decisive, p.kl_decisive]).tolist()
+    P = max(dec)
+    W = P + max(len(s) - d for s, d in zip(seqs, dec))
+    B = len(seqs)
+    ids = torch.full((B, W), pad, dtype=torch.long)
+    mask = torch.zeros((B, W), dtype=torch.long)
+    shift = torch.tensor([P - d for d in dec])
+    for i, s in enumerate(seqs):
+        ids[i, shift[i]: shift[i] + len(s)] = torch.tensor(s)
+        mask[i, shift[i]: shift[i] + len(s)] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    n_rw = tf.n
+    tok_per_seq = torch.bincount(tf.rows, minlength=n_rw).float()
+    seq_per_req = torch.bincount(p.rewrite_request, minlength=p.n).float()
+    row_req = torch.cat([p.rewrite_request, torch.arange(p.n)])
+    return _Layout(
+        ids=ids, mask=mask, pos=pos, P=P, row_req=row_req, row_kl=torch.arange(B) >= n_rw,
+        row_last=torch.cat([p.rewrite_decisive, p.kl_last]) - torch.tensor(dec),
+        tok_row=tf.rows, tok_col=tf.positions + shift[tf.rows] - P, labels=tf.labels,
+        tok_weight=1.0 / (tok_per_seq[tf.rows] * seq_per_req[row_req[tf.rows]]),
+    )
 
-    def __init__(self, adapter: ArchitectureAdapter, layer: int, ids: torch.Tensor, mask: torch.Tensor,
-                 full_logits: bool):
+
+class _SuffixReplay:
+    """Blocks ``layer+1 ..`` on the suffix columns, with the constant prefix keys/values cached.
+
+    Two no-grad passes set it up: the full batch (reference logits, h_layer, the prefix cache) and the
+    suffix alone on that cache, recording every upper block's arguments. Each call resets the cache to
+    the prefix and replays the upper blocks on a given suffix residual.
+    """
+
+    def __init__(self, adapter: ArchitectureAdapter, layer: int, lay: _Layout):
         self.adapter, self.layer = adapter, layer
+        with torch.no_grad(), Trace(adapter) as tr:
+            tr.capture_block(layer)
+            out = tr.run(input_ids=lay.ids, attention_mask=lay.mask, position_ids=lay.pos, use_cache=True)
+        self.ref_logits = out.logits[:, lay.P:]  # [B, W-P, V]
+        self.h = tr.blocks[layer][:, lay.P:]  # [B, W-P, d]
+        self.cache = out.past_key_values
+        self.prefix = [(c.keys[:, :, : lay.P], c.values[:, :, : lay.P]) for c in self.cache.layers]
+        self._reset()
         self.calls: list[tuple[tuple, dict]] = []
-        handles = []
-        for b in adapter.blocks[layer + 1:]:
-            handles.append(b.register_forward_pre_hook(
-                lambda _m, args, kwargs: self.calls.append((args[1:], dict(kwargs))), with_kwargs=True))
+        handles = [b.register_forward_pre_hook(lambda _m, args, kwargs: self.calls.append((args[1:], dict(kwargs))),
+                                               with_kwargs=True) for b in adapter.blocks[layer + 1:]]
         try:
             with torch.no_grad(), Trace(adapter) as tr:
-                tr.capture_block(layer)
-                if not full_logits:
-                    tr.stop_after(adapter.n_layers - 1)
-                out = tr.run(input_ids=ids, attention_mask=mask)
+                tr.stop_after(adapter.n_layers - 1)
+                tr.run(input_ids=lay.ids[:, lay.P:], attention_mask=lay.mask, position_ids=lay.pos[:, lay.P:],
+                       past_key_values=self.cache, use_cache=True)
         finally:
             for h in handles:
                 h.remove()
-        self.h = tr.blocks[layer]  # [B, T, d]
-        self.logits = out.logits if out is not None else None
+
+    def _reset(self) -> None:
+        for c, (k, v) in zip(self.cache.layers, self.prefix):
+            c.keys, c.values = k, v
+
+    def subset(self, keep: torch.Tensor) -> None:
+        """Keep batch rows ``keep`` (converged requests leave the batch)."""
+        batch = self.h.shape[0]
+        self.h = self.h[keep]
+        self.prefix = [(k[keep], v[keep]) for k, v in self.prefix]
+        self.calls = [_subset_rows(c, keep, batch) for c in self.calls]
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        self._reset()
         for block, (args, kwargs) in zip(self.adapter.blocks[self.layer + 1:], self.calls, strict=True):
             h = _first(block(h, *args, **kwargs))
+        self._reset()  # drop the suffix keys/values (and the graph they hold) from the cache
         return h
 
 
@@ -157,30 +217,33 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
                     pad: int) -> Anchors:
     device = next(model.parameters()).device
     n, d = p.n, adapter.d_model
-    ids, mask, n_rw = _joint_batch(p, pad)
-    ids, mask = ids.to(device), mask.to(device)
-    # per row (rewrite sequences, then one KL prompt per request): its request and decisive position
-    row_req = torch.cat([p.rewrite_request, torch.arange(n)]).to(device)
-    row_pos = torch.cat([p.rewrite_decisive, p.kl_decisive]).to(device)
-    row_last = torch.cat([p.rewrite_decisive, p.kl_last]).to(device)  # KL is read at the prompt's end
-    row_kl = torch.arange(ids.shape[0], device=device) >= n_rw
-    # per scored target token: its row, position, label and weight (mean over tokens, then templates)
-    tf = p.rewrite
-    tok_row, tok_pos, labels = tf.rows.to(device), tf.positions.to(device), tf.labels.to(device)
-    tok_per_seq = torch.bincount(tf.rows, minlength=n_rw).to(device).float()
-    seq_per_req = torch.bincount(p.rewrite_request, minlength=n).to(device).float()
-    tok_weight = 1.0 / (tok_per_seq[tok_row] * seq_per_req[row_req[tok_row]])
+    lay = _layout(p, pad)
+    ids, mask, pos, P = lay.ids.to(device), lay.mask.to(device), lay.pos.to(device), lay.P
+    row_req, row_kl, row_last = lay.row_req.to(device), lay.row_kl.to(device), lay.row_last.to(device)
+    tok_row, tok_col, labels = lay.tok_row.to(device), lay.tok_col.to(device), lay.labels.to(device)
+    tok_weight = lay.tok_weight.to(device)
 
-    replay = _Replay(adapter, layer, ids, mask, full_logits=True)
-    h_all = replay.h
+    replay = None
+    try:
+        replay = _SuffixReplay(adapter, layer, _Layout(**{**lay.__dict__, "ids": ids, "mask": mask, "pos": pos}))
+        with torch.no_grad():  # the replay must reproduce the real forward, else use full passes
+            ref = replay.ref_logits[tok_row, tok_col]
+            got = adapter.unembed(replay(replay.h)[tok_row, tok_col])
+            ok = bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-3 * (1 + ref.abs().max().item())))
+        h_suffix = replay.h
+        replay.ref_logits = None
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # no reusable per-layer key/value cache
+        ok = False
+    if not ok:
+        replay = None
+        with torch.no_grad(), Trace(adapter) as tr:
+            tr.capture_block(layer)
+            tr.stop_after(layer)
+            tr.run(input_ids=ids, attention_mask=mask, position_ids=pos)
+        h_suffix = tr.blocks[layer][:, P:]
     bare = p.bare_rows.to(device)
-    h0 = h_all[bare, row_pos[bare]].float()  # [n, d]
+    h0 = h_suffix[bare, 0].float()  # [n, d]: the decisive token is suffix column 0 in every row
     max_norm = cfg.clamp_norm_factor * h0.norm(dim=-1)  # [n]
-    with torch.no_grad():  # the replay must reproduce the real forward, else use full passes
-        ref = replay.logits[tok_row, tok_pos]
-        got = adapter.unembed(replay(h_all)[tok_row, tok_pos])
-        use_replay = bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-3 * (1 + ref.abs().max().item())))
-    replay.logits = None
 
     delta = torch.zeros(n, d, device=device)
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
@@ -200,29 +263,28 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
             keep = active[row_req]
             new_index = torch.cumsum(keep.long(), 0) - 1
             kept_tok = keep[tok_row]
-            tok_row, tok_pos = new_index[tok_row[kept_tok]], tok_pos[kept_tok]
+            tok_row, tok_col = new_index[tok_row[kept_tok]], tok_col[kept_tok]
             labels, tok_weight = labels[kept_tok], tok_weight[kept_tok]
-            batch = ids.shape[0]
-            ids, mask, h_all = ids[keep], mask[keep], h_all[keep]
-            row_req, row_pos, row_last, row_kl = row_req[keep], row_pos[keep], row_last[keep], row_kl[keep]
-            if use_replay:
-                replay.calls = [_subset_rows(c, keep, batch) for c in replay.calls]
+            ids, mask, pos, h_suffix = ids[keep], mask[keep], pos[keep], h_suffix[keep]
+            row_req, row_last, row_kl = row_req[keep], row_last[keep], row_kl[keep]
+            if replay is not None:
+                replay.subset(keep)
             present = active.clone()
         dl = delta.clone().requires_grad_(True)
         rows = torch.arange(ids.shape[0], device=device)
         kl_rows = rows[row_kl]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-            if use_replay:
-                h = h_all.index_put((rows, row_pos), dl[row_req].to(h_all.dtype), accumulate=True)
-                h = replay(h)
-                logits_t = adapter.unembed(h[tok_row, tok_pos]).float()  # [m, V]
+            if replay is not None:
+                first = h_suffix[:, :1] + dl[row_req][:, None].to(h_suffix.dtype)
+                h = replay(torch.cat([first, h_suffix[:, 1:]], 1))  # [B, W-P, d]
+                logits_t = adapter.unembed(h[tok_row, tok_col]).float()  # [m, V]
                 logits_kl = adapter.unembed(h[kl_rows, row_last[kl_rows]]).float()  # [k, V]
             else:
                 with Trace(adapter, detach=False) as tr:
-                    tr.add_to_block(layer, (rows, row_pos), dl[row_req])
-                    out = tr.run(input_ids=ids, attention_mask=mask)
-                logits_t = out.logits[tok_row, tok_pos].float()
-                logits_kl = out.logits[kl_rows, row_last[kl_rows]].float()
+                    tr.add_to_block(layer, (rows, torch.full_like(rows, P)), dl[row_req])
+                    out = tr.run(input_ids=ids, attention_mask=mask, position_ids=pos)
+                logits_t = out.logits[tok_row, tok_col + P].float()
+                logits_kl = out.logits[kl_rows, row_last[kl_rows] + P].float()
         tok_nll = -torch.log_softmax(logits_t, -1).gather(1, labels[:, None])[:, 0]  # [m]
         nll = torch.zeros(n, device=device).index_add(0, row_req[tok_row], tok_nll * tok_weight)  # [n]
         kl_logp = torch.log_softmax(logits_kl, -1)  # [k, V], k = requests present
@@ -236,7 +298,8 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
         loss_each = nll + cfg.kl_factor * kl + cfg.weight_decay * wd
         nll_last = torch.where(active, nll.detach(), nll_last)
         # forward + input-gradient backward = 4 FLOPs per weight per token (no weight gradients)
-        flops += 4 * ids.numel() * n_params_above + 4 * (len(tok_row) + len(kl_rows)) * head
+        tokens = ids.shape[0] * (ids.shape[1] - P if replay is not None else ids.shape[1])
+        flops += 4 * tokens * n_params_above + 4 * (len(tok_row) + len(kl_rows)) * head
         active &= nll.detach() >= cfg.early_stop_nll
         if not bool(active.any()) or it == cfg.steps - 1:
             break
@@ -250,4 +313,4 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
             norms = delta.norm(dim=-1)
             delta = delta * torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), 1.0)[:, None]
     return Anchors(layer, (h0 + delta).detach(), h0.detach(), delta.detach(), nll_start, nll_last,
-                   step, flops=flops, extra={"replay": use_replay})
+                   step, flops=flops, extra={"replay": replay is not None})

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--facts", type=int, default=5, help="how many demo facts to edit (1-10)")
     p.add_argument("--corpus", default=None, help="statistics corpus (default: text sampled from the model)")
-    p.add_argument("--tokens", type=int, default=None, help="statistics token budget")
+    p.add_argument("--tokens", type=int, default=20_000,
+                   help="statistics token budget (small by default so the demo stays under 5 minutes on 2 cores)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: from depth)")
 
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load(args)
     unrelated = unrelated_prompts()[:3]
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    spec = StatsSpec(**{k: v for k, v in {"corpus": args.corpus, "tokens": args.tokens}.items() if v})
+    spec = StatsSpec(corpus=args.corpus, tokens=args.tokens)
     print(f"kedit demo: {len(requests)} counterfactual edits on {args.model}\n")
     before = snapshot(model, tok, requests)
     unrelated_before = greedy(model, tok, unrelated)

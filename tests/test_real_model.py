@@ -1,0 +1,103 @@
+"""SmolLM2 end to end (slow: loads the embedded model; statistics from ../shared/data wikitext)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SHARED
+
+from kedit.commands.demo import demo_requests, unrelated_prompts
+from kedit.edit import Edit
+from kedit.editor import Editor
+from kedit.probe import greedy, starts_with_target, target_probs
+from kedit.stats import StatsSpec
+
+pytestmark = pytest.mark.slow
+LAYERS = [4, 5, 6, 7, 8]
+WIKI = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@pytest.fixture(scope="module")
+def setup(smollm2):
+    model, tok = smollm2
+    spec = StatsSpec(corpus=str(WIKI), tokens=40_000) if WIKI.is_file() else StatsSpec(tokens=20_000)
+    editor = Editor(model, tok, layers=LAYERS, stats=spec)
+    stats = {layer: editor.second_moment(layer) for layer in LAYERS}
+    facts = demo_requests(10)
+    unrelated = unrelated_prompts()
+    return model, tok, stats, facts, unrelated, greedy(model, tok, unrelated, 5)
+
+
+def _success(model, tok, facts) -> list[bool]:
+    prompts = [r.filled for r in facts]
+    p_new = target_probs(model, tok, prompts, [r.target_new for r in facts])
+    p_true = target_probs(model, tok, prompts, [r.target_true for r in facts])
+    gens = greedy(model, tok, prompts, 5)
+    return [starts_with_target(g, r.target_new) and a > b for g, r, a, b in zip(gens, facts, p_new, p_true)]
+
+
+@pytest.mark.parametrize("targets", ["backward", "forward"])
+def test_memit_edits_succeed_and_unrelated_prompts_keep(setup, targets, capsys):
+    model, tok, stats, facts, unrelated, unrelated_before = setup
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = Editor(model, tok, method="memit", targets=targets, layers=LAYERS, stats=stats, diagnostics=True)
+    edit = editor.apply(facts)
+    ok = _success(model, tok, facts)
+    kept = [a == b for a, b in zip(greedy(model, tok, unrelated, 5), unrelated_before)]
+    with capsys.disabled():
+        print(f"\n[memit/{targets}] success {sum(ok)}/10, unrelated kept {sum(kept)}/10, residual ratios "
+              f"{[round(d['residual_ratio'], 3) for d in edit.record['diagnostics']]}")
+    edit.undo()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert sum(ok) >= 9, ok
+    assert sum(kept) >= 9, kept
+
+
+def test_rome_single_edits_succeed_and_unrelated_prompts_keep(setup, capsys):
+    model, tok, stats, facts, unrelated, unrelated_before = setup
+    editor = Editor(model, tok, method="rome", layers=[LAYERS[1]], stats={LAYERS[1]: stats[LAYERS[1]]})
+    ok, kept = [], []
+    for request, edit in zip(facts, editor.apply_each(facts)):
+        ok.append(_success(model, tok, [request])[0])
+        kept.append(sum(a == b for a, b in zip(greedy(model, tok, unrelated, 5), unrelated_before)))
+        edit.undo()
+    with capsys.disabled():
+        print(f"\n[rome] success {sum(ok)}/10, unrelated kept per edit {kept}")
+    assert sum(ok) >= 9, ok
+    assert min(kept) >= 9, kept
+
+
+def test_patch_roundtrip_and_forward_replay_consistency(setup, tmp_path, capsys):
+    from kedit.editor import _Prepared
+    from kedit.models import load_model
+
+    model, tok, stats, facts, _, _ = setup
+    editor = Editor(model, tok, method="memit", targets="forward", layers=LAYERS, stats=stats, diagnostics=True)
+    edit = editor.apply(facts[:1])
+    # each edited layer's output at the decisive token is close to its target
+    prep = _Prepared(tok, facts[:1], editor.templates, 1)
+    _, hidden = editor._read(prep, [], LAYERS)
+    z = edit.targets.per_layer
+    start = {layer: (z[layer] - edit.problems[layer].R.T.float()).float() for layer in LAYERS}  # h before layer
+    ratios = {layer: ((z[layer] - hidden[layer]).norm() / (z[layer] - start[layer]).norm()).item() for layer in LAYERS}
+    with capsys.disabled():
+        print(f"\n[forward, 1 request] remaining residual per layer after the edit: "
+              f"{json.dumps({k: round(v, 3) for k, v in ratios.items()})}; "
+              f"at the last layer after each edit: {[round(d['residual_ratio'], 3) for d in edit.record['diagnostics']]}")
+    assert max(ratios.values()) < 0.5
+    ids = torch.tensor([tok("The Eiffel Tower is located in the city of")["input_ids"]])
+    with torch.no_grad():
+        edited = model(input_ids=ids).logits
+    path = edit.save(tmp_path / "edit.safetensors")
+    edit.undo()
+    fresh, _ = load_model("smollm2-135m")
+    Edit.load(path).apply(fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, edited)
+    # forward-replay targets replayed on the unedited model reproduce themselves exactly
+    targets = editor.builder.build(editor._session(prep, {}), LAYERS)
+    again = editor._replay(prep, LAYERS[0], targets.per_layer[LAYERS[0]], LAYERS[1:])
+    for layer in LAYERS[1:]:
+        assert torch.equal(again[layer], targets.per_layer[layer])
