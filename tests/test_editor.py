@@ -165,7 +165,7 @@ def test_bad_requests(tiny_tok):
 def test_default_layers_follow_depth():
     assert default_layers(30, True) == [4, 5, 6, 7, 8]
     assert default_layers(28, True) == [4, 5, 6, 7, 8]
-    assert len(default_layers(30, False)) == 1
+    assert default_layers(30, False) == [4]
     assert default_layers(4, True) == [1]
 
 
