@@ -86,9 +86,10 @@ def test_patch_roundtrip_and_forward_replay_consistency(setup, tmp_path, capsys)
     start = {layer: (z[layer] - edit.problems[layer].R.T.float()).float() for layer in LAYERS}  # h before layer
     ratios = {layer: ((z[layer] - hidden[layer]).norm() / (z[layer] - start[layer]).norm()).item() for layer in LAYERS}
     with capsys.disabled():
+        last = [round(d["residual_ratio"], 3) for d in edit.record["diagnostics"]]
         print(f"\n[forward, 1 request] remaining residual per layer after the edit: "
               f"{json.dumps({k: round(v, 3) for k, v in ratios.items()})}; "
-              f"at the last layer after each edit: {[round(d['residual_ratio'], 3) for d in edit.record['diagnostics']]}")
+              f"at the last layer after each edit: {last}")
     assert max(ratios.values()) < 0.5
     ids = torch.tensor([tok("The Eiffel Tower is located in the city of")["input_ids"]])
     with torch.no_grad():
