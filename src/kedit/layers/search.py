@@ -1,0 +1,222 @@
+"""Brute-force layer search (METHODS §7): edit at every candidate layer (or window), score, restore.
+
+Ground truth for the other selectors. Per candidate window: the anchors of *all* requests are
+optimised in one batched run (they are independent, METHODS §4), then each request is edited on
+its own with its slice of those targets, scored with the evaluation harness and undone, so
+``model at end == model at start``. Results: the per-request (sample-wise) optimal window and the
+golden window (best mean score over the set).
+
+The rank score is the mean of explicit harness metrics per request (default: ES, PS, NS for
+CounterFact; efficacy / generalisation token accuracy and specificity agreement for zsRE); ties are
+broken by the mean of the matching magnitudes (P(new) - P(true) style), then by the shallower layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from kedit.arch import ArchitectureAdapter
+from kedit.errors import EditFailed
+from kedit.eval.datasets import EvalCase
+from kedit.eval.harness import Evaluator, case_metrics
+
+# kedit.layers defines these before it imports this module, so the cycle is safe
+from kedit.layers import LayerChoice, candidate_layers, check_proxy, window_starts
+from kedit.requests import EditRequest
+from kedit.targets import Targets
+
+SCORE_KEYS = {
+    "counterfact": ("efficacy_score", "paraphrase_score", "neighborhood_score"),
+    "zsre": ("efficacy_token_acc", "generalization_token_acc", "specificity_agreement"),
+}
+TIE_KEYS = {
+    "counterfact": ("efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude"),
+    "zsre": ("p_new",),
+}
+
+
+def as_cases(items: Sequence[EditRequest | EvalCase]) -> list[EvalCase]:
+    """EvalCases as given; EditRequests become CounterFact-style cases (their paraphrases and neighbors)."""
+    out = []
+    for i, x in enumerate(items):
+        if isinstance(x, EvalCase):
+            out.append(x)
+        else:
+            out.append(EvalCase(request=x, kind="counterfact", source="<requests>", index=i,
+                                paraphrases=tuple(x.paraphrases), neighborhood=tuple(x.neighbors)))
+    return out
+
+
+class _Captured(Exception):
+    """Raised by _Capture once the targets exist: Editor.apply builds them before writing any weight."""
+
+
+@dataclass
+class _Capture:
+    """Target builder wrapper that records the targets of a whole batch and stops the edit there."""
+
+    inner: Any
+    targets: Targets | None = None
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def build(self, session: Any, layers: list[int]) -> Targets:
+        self.targets = self.inner.build(session, layers)
+        raise _Captured
+
+
+@dataclass
+class _Fixed:
+    """Target builder returning precomputed targets (one request's slice of a batched build)."""
+
+    name: str
+    targets: Targets
+
+    def build(self, session: Any, layers: list[int]) -> Targets:
+        return self.targets
+
+
+def _row(t: Targets, i: int) -> Targets:
+    """Request ``i``'s slice of batched targets (rows are independent, so this is exact)."""
+    s = slice(i, i + 1)
+    anchors = [dataclasses.replace(a, **{k: getattr(a, k)[s] for k in ("z", "h", "delta", "nll_start", "nll_end",
+                                                                        "steps")}) for a in t.anchors]
+    return dataclasses.replace(t, final_target=t.final_target[s], anchors=anchors,
+                               per_layer={l: z[s] for l, z in t.per_layer.items()})
+
+
+def _mean(metrics: dict[str, Any], keys: Sequence[str]) -> float:
+    vals = [metrics.get(k) for k in keys]
+    vals = [float(v) for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+@dataclass
+class WindowScores:
+    """Rank score and tie-break value per request and window, ``[n, W]`` (nan where an edit failed)."""
+
+    windows: list[list[int]]
+    score: torch.Tensor       # [n, W]
+    tie: torch.Tensor         # [n, W]
+    keys: tuple[str, ...]
+    seconds: dict[str, float]
+    failures: int
+
+    def best(self, score: torch.Tensor, tie: torch.Tensor) -> int:
+        """Index of the best window for a score vector ``[W]``: score, then tie-break, then shallowest."""
+        s, t = score.nan_to_num(-math.inf).tolist(), tie.nan_to_num(-math.inf).tolist()
+        return max(range(len(s)), key=lambda j: (s[j], t[j], -j))
+
+
+def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], windows: Sequence[Sequence[int]],
+                  method: str = "rome", targets: str = "forward", score_keys: Sequence[str] | None = None,
+                  stats: Any = None, seed: int = 0, evaluator: Evaluator | None = None,
+                  editor_kwargs: dict[str, Any] | None = None) -> WindowScores:
+    """Edit each case alone at each window (anchors batched per window), score, undo; the model ends unchanged.
+
+    ``stats``: ``{layer: C}``, a StatsSpec, or None (default StatsSpec); computed once for every layer.
+    """
+    from kedit.editor import Editor
+    from kedit.stats import StatsSpec, second_moments
+    from kedit.targets import make_targets
+
+    kind = cases[0].kind
+    keys = tuple(score_keys or SCORE_KEYS.get(kind, SCORE_KEYS["counterfact"]))
+    tie_keys = TIE_KEYS.get(kind, ())
+    needed = sorted({l for w in windows for l in w})
+    t0 = time.perf_counter()
+    if not isinstance(stats, dict):
+        stats = second_moments(model, tok, needed, stats or StatsSpec(), progress=False)
+    ev = evaluator or Evaluator(model, tok)
+    pre = ev.measure(cases)
+    seconds = {"stats_and_pre": time.perf_counter() - t0, "anchors": 0.0, "edit": 0.0, "score": 0.0}
+    requests = [c.request for c in cases]
+    score = torch.full((len(cases), len(windows)), float("nan"), dtype=torch.float64)
+    tie = torch.full_like(score, float("nan"))
+    failures = 0
+    for j, window in enumerate(windows):
+        capture = _Capture(make_targets(targets) if isinstance(targets, str) else targets)
+        editor = Editor(model, tok, method=method, targets=capture, layers=list(window), stats=stats, seed=seed,
+                        **(editor_kwargs or {}))
+        t = time.perf_counter()
+        try:
+            editor.apply(requests)  # stops in capture.build: nothing is written
+        except _Captured:
+            pass
+        seconds["anchors"] += time.perf_counter() - t
+        for i, case in enumerate(cases):
+            editor.builder = _Fixed(capture.name, _row(capture.targets, i))
+            t = time.perf_counter()
+            try:
+                edit = editor.apply([case.request])
+            except EditFailed:  # e.g. a non-finite update: scored as missing, counted
+                failures += 1
+                continue
+            t2 = time.perf_counter()
+            seconds["edit"] += t2 - t
+            try:
+                post = ev.measure([case])[0]
+            finally:
+                edit.undo()
+            seconds["score"] += time.perf_counter() - t2
+            metrics = case_metrics(case, post, pre[i])
+            score[i, j], tie[i, j] = _mean(metrics, keys), _mean(metrics, tie_keys)
+    return WindowScores([list(w) for w in windows], score, tie, keys, seconds, failures)
+
+
+@dataclass(frozen=True)
+class BruteForce:
+    """Golden window (best mean score) and per-request optimal windows by editing at every candidate."""
+
+    name: ClassVar[str] = "brute"
+    method: str = "rome"
+    targets: str = "forward"                 # target construction for windows (METHODS §6)
+    window: int = 1                          # consecutive layers edited (1 for ROME)
+    layers: tuple[int, ...] | None = None    # candidate layers; None = every layer
+    score_keys: tuple[str, ...] | None = None  # harness metrics averaged into the rank score
+    seed: int = 0
+    stats: Any = None                        # {layer: C}, StatsSpec or None (default StatsSpec)
+    editor_kwargs: dict[str, Any] = field(default_factory=dict)  # solver hyperparameters, anchor=...
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"BruteForce.window must be >= 1, got {self.window}")
+
+    def select(self, model: torch.nn.Module, adapter: ArchitectureAdapter | None, tok: Any,
+               proxy: Sequence[EditRequest | EvalCase]) -> LayerChoice:
+        """Edit every proxy case at every candidate window; choose the golden window. Model left unchanged."""
+        t0 = time.perf_counter()
+        cases = as_cases(proxy)
+        check_proxy([c.request for c in cases], who="brute-force search")
+        adapter = adapter or ArchitectureAdapter.from_model(model)
+        cands = candidate_layers(adapter, self.layers, self.window)
+        windows = [cands[j:j + self.window] for j in window_starts(cands, self.window)]
+        ws = score_windows(model, tok, cases, windows, self.method, self.targets, self.score_keys, self.stats,
+                           self.seed, editor_kwargs=self.editor_kwargs)
+        mean, mean_tie = ws.score.nanmean(0), ws.tie.nanmean(0)            # [W]
+        golden = ws.best(mean, mean_tie)
+        optimal = [ws.best(ws.score[i], ws.tie[i]) for i in range(len(cases))]
+        starts = [w[0] for w in windows]
+        hist = {s: 0 for s in starts}
+        for j in optimal:
+            hist[starts[j]] += 1
+        best_per_request = ws.score.nan_to_num(-math.inf).max(1).values
+        details = {
+            "method": self.method, "targets": self.targets, "window": self.window, "windows": ws.windows,
+            "score_keys": list(ws.keys), "tie_break": list(TIE_KEYS.get(cases[0].kind, ())), "n_proxy": len(cases),
+            "golden_score": mean[golden].item(),
+            "sample_wise_optimum": best_per_request.mean().item(),   # mean over requests of their best score
+            "optimal": [starts[j] for j in optimal], "histogram": hist,
+            "per_request": ws.score.tolist(), "tie": ws.tie.tolist(), "failures": ws.failures,
+            "seconds": ws.seconds, "candidates_are": "first layer of each window",
+        }
+        return LayerChoice("brute", windows[golden], starts, mean.tolist(), time.perf_counter() - t0, details)
