@@ -211,38 +211,30 @@ CASES = [
 class _PlantedEditor:
     """Stand-in for kedit.editor.Editor: only an edit at layer ``PLANTED`` makes the model say target_new.
 
-    It follows the real protocol (targets built through ``builder.build(session, layers)`` first, an
-    Edit-like object with ``undo``) and acts through a logit hook, so undo is observable.
+    It follows the single-request protocol (``apply_each`` yields one applied edit per request, each
+    undone by the caller) and acts through a logit hook, so undo is observable.
     """
 
     PLANTED = 2
 
     def __init__(self, model, tok, method, targets, layers, stats, seed, **kw):
-        self.model, self.tok, self.builder, self.layers = model, tok, targets, layers
+        self.model, self.tok, self.layers = model, tok, layers
+        self.timings = {"optimize": 0.0}
 
-    def apply(self, requests):
-        from kedit.optimize import Anchors
+    def apply_each(self, requests, skip_failures=False):
+        for r in requests:
+            if self.layers != [self.PLANTED]:
+                yield type("NoEdit", (), {"undo": lambda self: None})()
+                continue
+            ids = [self.tok(" " + r.target_new)["input_ids"][0]]
 
-        class Session:
-            def optimize(self, layer):
-                z = torch.zeros(len(requests), 32)
-                return Anchors(layer, z, z, z, z[:, 0], z[:, 0], z[:, 0])
+            def boost(_m, _a, out, ids=ids):
+                out = out.clone()
+                out[..., ids] += 20.0
+                return out
 
-            def replay(self, layer, z, read_layers):
-                return {l: z for l in read_layers}
-
-        self.builder.build(Session(), self.layers)
-        if self.layers != [self.PLANTED]:
-            return type("NoEdit", (), {"undo": lambda self: None})()
-        ids = [self.tok(" " + r.target_new)["input_ids"][0] for r in requests]
-
-        def boost(_m, _a, out):
-            out = out.clone()
-            out[..., ids] += 20.0
-            return out
-
-        handle = self.model.get_output_embeddings().register_forward_hook(boost)
-        return type("Edit", (), {"undo": lambda self: handle.remove()})()
+            handle = self.model.get_output_embeddings().register_forward_hook(boost)
+            yield type("Edit", (), {"undo": lambda self, h=handle: h.remove()})()
 
 
 def test_brute_force_finds_planted_layer(tiny_tok, monkeypatch):
@@ -261,10 +253,6 @@ def test_brute_force_finds_planted_layer(tiny_tok, monkeypatch):
 
 
 def test_brute_force_with_real_editor_restores_model(tiny_tok):
-    from kedit.editor import Editor
-    from kedit.layers.search import _Capture, _Captured, _Fixed, _row
-    from kedit.targets import make_targets
-
     model, a = _model("llama", tiny_tok)
     stats = {l: torch.eye(a.d_ff, dtype=torch.float64) for l in range(a.n_layers)}
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -273,23 +261,6 @@ def test_brute_force_with_real_editor_restores_model(tiny_tok):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert choice.details["windows"] == [[1, 2], [2, 3]] and choice.layers in ([1, 2], [2, 3])
     assert sum(choice.details["histogram"].values()) == len(CASES) and choice.details["failures"] == 0
-    # one request's slice of batched targets edits exactly like editing that request alone
-    kw = dict(method="memit", targets="forward", layers=[1, 2], stats=stats, anchor=dict(steps=3))
-    alone = Editor(model, tiny_tok, **kw).apply([CASES[1]])
-    ref = {l: alone.deltas[l].dense() for l in alone.layers}
-    alone.undo()
-    capture = _Capture(make_targets("forward"))
-    editor = Editor(model, tiny_tok, **{**kw, "targets": capture})
-    with pytest.raises(_Captured):   # targets of the whole batch captured before any weight is written
-        editor.apply(CASES)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    editor.builder = _Fixed("forward", _row(capture.targets, 1))
-    sliced = editor.apply([CASES[1]])
-    try:
-        for l in ref:
-            assert torch.allclose(sliced.deltas[l].dense(), ref[l], rtol=1e-3, atol=1e-6)
-    finally:
-        sliced.undo()
 
 
 def test_cli_layers_writes_json_and_figure(tiny_tok, tmp_path):

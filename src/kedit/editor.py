@@ -307,16 +307,24 @@ class Editor:
         edit.record["timings"]["total"] = time.perf_counter() - t_start
         return edit
 
-    def apply_each(self, requests: list[EditRequest]) -> Iterator[Edit]:
+    def apply_each(self, requests: list[EditRequest], skip_failures: bool = False) -> Iterator[Edit | None]:
         """Single-request editing: all anchors optimised in one batch, then each request applied alone.
 
         Yields each applied Edit; the caller scores it and must ``undo()`` it before the next one
-        (the solver state is not carried: every edit starts from the same weights).
+        (the solver state is not carried: every edit starts from the same weights). With
+        ``skip_failures`` a request whose edit fails (EditFailed, model restored) yields None.
         """
         prep, targets, log = self.prepare(requests)
+        self.timings["optimize"] = log.get("optimize_seconds", 0.0)
         for i, request in enumerate(requests):
             sub = _Prepared(self.tok, [request], self.templates, 1)
-            edit, _ = self._edit_loop([request], sub, targets.select([i]), log)
+            try:
+                edit, _ = self._edit_loop([request], sub, targets.select([i]), log)
+            except EditFailed:
+                if not skip_failures:
+                    raise
+                yield None
+                continue
             yield edit
             if edit.is_applied:
                 raise KeditError("apply_each: undo() each yielded edit before asking for the next one")

@@ -13,7 +13,6 @@ broken by the mean of the matching magnitudes (P(new) - P(true) style), then by 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -23,14 +22,12 @@ from typing import Any, ClassVar
 import torch
 
 from kedit.arch import ArchitectureAdapter
-from kedit.errors import EditFailed
 from kedit.eval.datasets import EvalCase
 from kedit.eval.harness import Evaluator, case_metrics
 
 # kedit.layers defines these before it imports this module, so the cycle is safe
 from kedit.layers import LayerChoice, candidate_layers, check_proxy, window_starts
 from kedit.requests import EditRequest
-from kedit.targets import Targets
 
 SCORE_KEYS = {
     "counterfact": ("efficacy_score", "paraphrase_score", "neighborhood_score"),
@@ -52,46 +49,6 @@ def as_cases(items: Sequence[EditRequest | EvalCase]) -> list[EvalCase]:
             out.append(EvalCase(request=x, kind="counterfact", source="<requests>", index=i,
                                 paraphrases=tuple(x.paraphrases), neighborhood=tuple(x.neighbors)))
     return out
-
-
-class _Captured(Exception):
-    """Raised by _Capture once the targets exist: Editor.apply builds them before writing any weight."""
-
-
-@dataclass
-class _Capture:
-    """Target builder wrapper that records the targets of a whole batch and stops the edit there."""
-
-    inner: Any
-    targets: Targets | None = None
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    def build(self, session: Any, layers: list[int]) -> Targets:
-        self.targets = self.inner.build(session, layers)
-        raise _Captured
-
-
-@dataclass
-class _Fixed:
-    """Target builder returning precomputed targets (one request's slice of a batched build)."""
-
-    name: str
-    targets: Targets
-
-    def build(self, session: Any, layers: list[int]) -> Targets:
-        return self.targets
-
-
-def _row(t: Targets, i: int) -> Targets:
-    """Request ``i``'s slice of batched targets (rows are independent, so this is exact)."""
-    s = slice(i, i + 1)
-    anchors = [dataclasses.replace(a, **{k: getattr(a, k)[s] for k in ("z", "h", "delta", "nll_start", "nll_end",
-                                                                        "steps")}) for a in t.anchors]
-    return dataclasses.replace(t, final_target=t.final_target[s], anchors=anchors,
-                               per_layer={l: z[s] for l, z in t.per_layer.items()})
 
 
 def _mean(metrics: dict[str, Any], keys: Sequence[str]) -> float:
@@ -127,7 +84,6 @@ def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], w
     """
     from kedit.editor import Editor
     from kedit.stats import StatsSpec, second_moments
-    from kedit.targets import make_targets
 
     kind = cases[0].kind
     keys = tuple(score_keys or SCORE_KEYS.get(kind, SCORE_KEYS["counterfact"]))
@@ -144,21 +100,12 @@ def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], w
     tie = torch.full_like(score, float("nan"))
     failures = 0
     for j, window in enumerate(windows):
-        capture = _Capture(make_targets(targets) if isinstance(targets, str) else targets)
-        editor = Editor(model, tok, method=method, targets=capture, layers=list(window), stats=stats, seed=seed,
+        editor = Editor(model, tok, method=method, targets=targets, layers=list(window), stats=stats, seed=seed,
                         **(editor_kwargs or {}))
         t = time.perf_counter()
-        try:
-            editor.apply(requests)  # stops in capture.build: nothing is written
-        except _Captured:
-            pass
-        seconds["anchors"] += time.perf_counter() - t
-        for i, case in enumerate(cases):
-            editor.builder = _Fixed(capture.name, _row(capture.targets, i))
-            t = time.perf_counter()
-            try:
-                edit = editor.apply([case.request])
-            except EditFailed:  # e.g. a non-finite update: scored as missing, counted
+        # anchors of every request at this window in one batch, then each request applied alone
+        for i, (case, edit) in enumerate(zip(cases, editor.apply_each(requests, skip_failures=True))):
+            if edit is None:  # e.g. a non-finite update: scored as missing, counted
                 failures += 1
                 continue
             t2 = time.perf_counter()
@@ -167,9 +114,11 @@ def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], w
                 post = ev.measure([case])[0]
             finally:
                 edit.undo()
-            seconds["score"] += time.perf_counter() - t2
+            t = time.perf_counter()
+            seconds["score"] += t - t2
             metrics = case_metrics(case, post, pre[i])
             score[i, j], tie[i, j] = _mean(metrics, keys), _mean(metrics, tie_keys)
+        seconds["anchors"] += editor.timings.get("optimize", 0.0)
     return WindowScores([list(w) for w in windows], score, tie, keys, seconds, failures)
 
 
