@@ -234,3 +234,11 @@ def test_cli_stats_json(tiny_llama, tiny_tok, tmp_path, text_file, capsys):
     assert main(argv) == 0
     assert all(r["cached"] for r in json.loads(capsys.readouterr().out)["layers"])
     assert main(["stats", "--model", str(model_dir), "--layers", "9", "--corpus", str(text_file)]) == 2
+
+
+def test_corpus_smaller_than_budget_warns(tiny_gpt2, tiny_tok, text_file):
+    info: dict[int, StatsInfo] = {}
+    with pytest.warns(UserWarning, match="fewer than the budget"):
+        spec = StatsSpec(corpus=str(text_file), tokens=10**6)
+        second_moments(tiny_gpt2, tiny_tok, [0], spec, progress=False, info=info)
+    assert 0 < info[0].tokens < 10**6

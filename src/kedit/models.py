@@ -79,7 +79,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = tor
     file, or a hub id already in the local HF cache (never downloads). Raises ModelNotFound.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # kedit prints its own progress; weight-loading bars are noise
+    hf_logging.set_verbosity_error()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     kw = dict(trust_remote_code=trust_remote_code)

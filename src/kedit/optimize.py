@@ -38,7 +38,7 @@ class AnchorConfig:
     clamp_norm_factor: float = 0.75  # ||delta|| <= factor * ||h_a|| (MEMIT 0.75, ROME 4)
     early_stop_nll: float = 0.05     # a request stops once its mean NLL is below this
     batch_size: int = 32             # requests optimised together (memory bound)
-    autocast_bf16: bool = False      # bf16 matmuls on CPU/GPU: ~2.5x faster here, slightly different anchors
+    autocast_bf16: bool = False      # bf16 autocast: for GPUs; 3.3x *slower* on this CPU (measured), different anchors
 
     def __post_init__(self) -> None:
         for name in ("lr", "clamp_norm_factor"):

@@ -113,7 +113,7 @@ def second_moments(model, tok, layers: Iterable[int], spec: StatsSpec = StatsSpe
         except StatsCacheError as e:  # never silently used: say so, then recompute and overwrite
             warnings.warn(f"{e}; recomputing it", stacklevel=2)
             continue
-        info[layer] = StatsInfo(path, True, int(meta["tokens_used"]), time.perf_counter() - t0)
+        info[layer] = StatsInfo(path, True, int(meta.get("tokens_used", 0)), time.perf_counter() - t0)
 
     missing = [layer for layer in layers if layer not in out]
     if missing:
@@ -121,6 +121,9 @@ def second_moments(model, tok, layers: Iterable[int], spec: StatsSpec = StatsSpe
         rows = pack_rows(tok, corpus, max_length, spec.tokens)
         sums, n = accumulate(adapter, missing, batches(rows, spec.batch_tokens, pad_id(tok)), spec.tokens, progress)
         seconds = time.perf_counter() - t0
+        if n < spec.tokens:
+            warnings.warn(f"corpus {corpus.path} holds only {n:,} tokens, fewer than the budget {spec.tokens:,}",
+                          stacklevel=2)
         for layer in missing:
             out[layer] = (sums[layer] / n).cpu()  # [f, f]
             path = cache_path(keys[layer])

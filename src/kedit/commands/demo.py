@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     stats = None
     for targets in ("backward", "forward"):
         editor = Editor(model, tok, method="memit", targets=targets, layers=layers, stats=stats or spec,
-                        verbose=True, anchor={"autocast_bf16": True})
+                        verbose=True)
         t0 = time.perf_counter()
         edit = editor.apply(requests)
         seconds = time.perf_counter() - t0

@@ -1,0 +1,53 @@
+"""``kedit compare DIR1 DIR2 ...``: post-edit metrics of several eval runs side by side (+ a PNG)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Run directories, plot path, --json."""
+    p.add_argument("runs", nargs="+", help="eval output directories (or summary.json files)")
+    p.add_argument("--png", default=None, help="comparison plot path (default: DIR1/../compare.png)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+def _name(path: str, summary: dict) -> str:
+    ed = summary.get("config", {}).get("editor", {})
+    return f"{Path(path).name} ({ed.get('method', '?')}/{ed.get('targets', '-')})"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print post-edit means side by side (and eval throughput), write the comparison PNG."""
+    from kedit.eval.report import load_summary, metric_keys, plot_compare
+
+    try:
+        runs = [(_name(r, s), s) for r, s in ((r, load_summary(r)) for r in args.runs)]
+    except FileNotFoundError as e:
+        print(f"kedit compare: error: {e}", file=sys.stderr)
+        return 2
+    keys = []
+    for _, s in runs:
+        keys += [k for k in metric_keys(s) if k not in keys]
+    table = {k: {name: s.get(k, {}).get("mean") for name, s in runs} for k in keys}
+    rates = {name: s.get("timings", {}).get("post_eval_records_per_s") for name, s in runs}
+    if args.json:
+        print(json.dumps({"metrics": table, "post_eval_records_per_s": rates}, indent=1))
+    else:
+        names = [n for n, _ in runs]
+        w = max(len(k) for k in keys + ["post-eval records/s"])
+        print(" " * w + " | " + " | ".join(names))
+        for k in keys:
+            cells = ["-" if v is None else f"{v:.4f}" for v in table[k].values()]
+            print(k.ljust(w) + " | " + " | ".join(c.rjust(len(n)) for c, n in zip(cells, names, strict=True)))
+        cells = ["-" if v is None else f"{v:.2f}" for v in rates.values()]
+        print("post-eval records/s".ljust(w) + " | " + " | ".join(c.rjust(len(n)) for c, n in zip(cells, names,
+                                                                                               strict=True)))
+    png = Path(args.png) if args.png else Path(args.runs[0]).resolve().parent / "compare.png"
+    plot_compare(runs, png)
+    if not args.json:
+        print(f"wrote {png}")
+    return 0

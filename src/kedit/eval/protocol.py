@@ -1,0 +1,121 @@
+"""The editing protocols behind ``Evaluator.run``: batch, sequential (B per step) and single.
+
+Timings are wall-clock seconds per phase; the model is restored (every Edit undone, newest first)
+and the editor's sequential state reset before returning, whatever happens in between.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from kedit.eval.datasets import EvalCase, filled_prompt
+from kedit.models import model_fingerprint
+
+if TYPE_CHECKING:
+    from kedit.eval.harness import EditorLike, Evaluator, Report, Snapshot
+
+
+def _record(case: EvalCase) -> dict[str, Any]:
+    r = case.request
+    return {"index": case.index, "case_id": case.case_id, "kind": case.kind, "subject": r.subject,
+            "prompt": filled_prompt(case), "target_new": r.target_new, "target_true": r.target_true}
+
+
+def run_protocol(ev: Evaluator, cases: list[EvalCase], editor: EditorLike | None, mode: str,
+                 batch_size: int | None, eval_every_batch: bool, extra: dict[str, Any]) -> Report:
+    """Pre-eval, edit(s), post-eval, restore; returns a Report (see Evaluator.run)."""
+    from kedit.eval.harness import Report, case_metrics, summarize
+
+    n = len(cases)
+    model_info = {"name": getattr(ev.model, "kedit_name", type(ev.model).__name__),
+                  "revision": getattr(ev.model, "kedit_revision", None), "fingerprint": model_fingerprint(ev.model)}
+    t_start, gen0 = time.perf_counter(), ev.generation_s
+    # pre-edit scores depend only on the weights and the cases: reuse them across editors (same fingerprint)
+    key = (model_info["fingerprint"], tuple(cases), ev.fluency, ev.fluency_prompts, ev.fluency_length)
+    cached = ev.pre_cache is not None and ev.pre_cache[0] == key
+    pre = ev.pre_cache[1] if cached else ev.measure(cases)
+    ev.pre_cache = (key, pre)  # only the latest: bounds memory (next-token dists are [V] per prompt)
+    timings = {"pre_eval_s": time.perf_counter() - t_start, "edit_s": 0.0, "post_eval_s": 0.0}
+    idf = ev.idf(cases)
+    post: list[Snapshot] = []
+    batch_of: list[int | None] = [None] * n
+    trajectory: list[dict[str, Any]] = []
+    edits: list[Any] = []
+
+    def timed(phase: str, fn):
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            timings[phase] += time.perf_counter() - t
+
+    if editor is None:
+        mode, size, evaluated = "none", None, "unedited model (method none): post-edit values = pre-edit values"
+        post = pre
+    elif mode == "single":
+        size, evaluated = 1, "single: each record right after its own edit; weights restored before the next"
+        editor.reset()
+        # anchors of all records in one batch, then each record applied alone (Editor.apply_each)
+        edits = editor.apply_each([c.request for c in cases])
+        try:
+            for i, c in enumerate(tqdm(cases, desc="single edits", file=sys.stderr, disable=not ev.progress)):
+                edit = timed("edit_s", lambda: next(edits))
+                try:
+                    post.extend(timed("post_eval_s", lambda c=c: ev.measure([c])))
+                finally:
+                    edit.undo()
+                batch_of[i] = i
+        finally:
+            edits.close()
+            editor.reset()
+    else:
+        size = n if mode == "batch" or batch_size is None else min(batch_size, n)
+        batches = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+        evaluated = (f"after all {len(batches)} batches of up to {size} (sequential, state carried)"
+                     if mode == "sequential" else f"after one batch edit of all {n} records")
+        editor.reset()
+        try:
+            for b, idx in enumerate(tqdm(batches, desc="edit batches", file=sys.stderr,
+                                         disable=not ev.progress or len(batches) == 1)):
+                edits.append(timed("edit_s", lambda idx=idx: editor.apply([cases[i].request for i in idx])))
+                for i in idx:
+                    batch_of[i] = b
+                if mode == "sequential" and eval_every_batch and b < len(batches) - 1:
+                    done = [i for bb in batches[:b + 1] for i in bb]
+                    snaps = timed("post_eval_s", lambda done=done: ev.measure([cases[i] for i in done]))
+                    vals = [{"pre": case_metrics(cases[i], pre[i], pre[i], idf),
+                             "post": case_metrics(cases[i], s, pre[i], idf)} for i, s in zip(done, snaps, strict=True)]
+                    trajectory.append({"after_batch": b + 1, "n_edited": len(done),
+                                       "summary": summarize(vals, ev.seed, ev.n_boot)})
+            post = timed("post_eval_s", lambda: ev.measure(cases))
+        finally:
+            for e in reversed(edits):  # newest first restores the original weights exactly
+                e.undo()
+            editor.reset()
+    records = []
+    for i, c in enumerate(cases):
+        rec = _record(c)
+        rec["edit_batch"] = batch_of[i]
+        rec["pre"] = case_metrics(c, pre[i], pre[i], idf)
+        rec["post"] = case_metrics(c, post[i], pre[i], idf)
+        if pre[i].texts:
+            rec["texts_pre"], rec["texts_post"] = pre[i].texts, post[i].texts
+        records.append(rec)
+    summary = summarize(records, ev.seed, ev.n_boot)
+    if trajectory:
+        trajectory.append({"after_batch": len(trajectory) + 1, "n_edited": n, "summary": summary})
+    timings["total_s"] = time.perf_counter() - t_start
+    timings["generation_s"] = ev.generation_s - gen0  # fluency sampling, included in the eval phases
+    timings["pre_eval_cached"] = cached
+    timings["pre_eval_records_per_s"] = None if cached or not timings["pre_eval_s"] else n / timings["pre_eval_s"]
+    timings["post_eval_records_per_s"] = n / timings["post_eval_s"] if timings["post_eval_s"] else None
+    timings["edit_records_per_s"] = n / timings["edit_s"] if timings["edit_s"] else None
+    config = {"model": model_info, "editor": editor.config() if editor is not None else {"method": "none"},
+              "protocol": {"mode": mode, "batch_size": size, "eval_every_batch": bool(trajectory),
+                           "evaluated": evaluated, "n_cases": n},
+              "evaluator": ev.describe(), **extra}
+    return Report(summary, records, config, timings, evaluated, trajectory)
