@@ -42,12 +42,12 @@ def run(args: argparse.Namespace) -> int:
     t_all = time.perf_counter()
     requests = demo_requests(args.facts)
     model, tok = load(args)
-    unrelated = unrelated_prompts()[:3]
+    unrelated = unrelated_prompts()
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     spec = StatsSpec(corpus=args.corpus, tokens=args.tokens)
     print(f"kedit demo: {len(requests)} counterfactual edits on {args.model}\n")
     before = snapshot(model, tok, requests)
-    unrelated_before = greedy(model, tok, unrelated)
+    unrelated_before = greedy(model, tok, unrelated, 5)
     stats = None
     for targets in ("backward", "forward"):
         editor = Editor(model, tok, method="memit", targets=targets, layers=layers, stats=stats or spec,
@@ -57,15 +57,15 @@ def run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
         stats = {layer: editor.second_moment(layer) for layer in editor.layers}  # reuse for the next run
         after = snapshot(model, tok, requests)
-        unrelated_after = greedy(model, tok, unrelated)
+        unrelated_after = greedy(model, tok, unrelated, 5)
         ok = sum(starts_with_target(a["generation"], r.target_new) for r, a in zip(requests, after))
         print(f"\n=== MEMIT, {targets} targets, layers {editor.layers}: {seconds:.1f} s "
               f"({edit.record['timings']['stats']:.1f} s statistics) ===")
         print_table(requests, before, after)
         kept = sum(a == b for a, b in zip(unrelated_before, unrelated_after))
         print(f"\n{ok}/{len(requests)} edited prompts now continue with the new target; "
-              f"{kept}/{len(unrelated)} unrelated prompts unchanged, e.g.")
-        print(f"  {unrelated[0]!r} -> {unrelated_after[0]!r}")
+              f"{kept}/{len(unrelated)} unrelated prompts keep their first 5 greedy tokens, e.g.")
+        print(f"  {unrelated[0]!r} -> {unrelated_after[0]!r} (before: {unrelated_before[0]!r})")
         edit.undo()
         restored = greedy(model, tok, [requests[0].filled])[0]
         print(f"undo: {requests[0].filled!r} -> {restored!r} (original: {before[0]['generation']!r})")
