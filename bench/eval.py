@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
+from machine import machine  # bench/machine.py (scripts run as bench/<name>.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # never copied into the repo
@@ -33,18 +31,6 @@ CF_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", 
 ZSRE_KEYS = ("efficacy_token_acc", "efficacy_exact_match", "generalization_token_acc", "generalization_exact_match",
              "specificity_agreement", "specificity_loc_acc", "neighborhood_kl", "top1_overlap")
 
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "loadavg_start": os.getloadavg()}
 
 
 def cell(entry: dict | None) -> str:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import machine  # bench/machine.py (scripts run as bench/<name>.py)
 from torch import nn
 
 import kedit.stats as stats_mod
@@ -34,18 +34,6 @@ from kedit.tokens import pad_id
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 RESULTS = Path(__file__).resolve().parent / "results" / "stats.json"
 
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import transformers
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "blas": "mkl" if torch.backends.mkl.is_available() else "other", "loadavg_start": os.getloadavg()}
 
 
 def timed(fn) -> float:
@@ -102,8 +90,9 @@ def main() -> int:
     max_rel = max(((sums_one[la] - sums_five[la]).norm() / sums_five[la].norm()).item() for la in layers)
 
     tps = {k: round(n_tok * args.rounds / sum(v), 1) for k, v in times.items()}
-    speedup = statistics.median(f / o for o, f in zip(times["one_pass"], times["five_passes"], strict=True))
-    vs_plain = statistics.median(p_ / o for o, p_ in zip(times["one_pass"], times["plain_forward"], strict=True))
+    speedups = [f / o for o, f in zip(times["one_pass"], times["five_passes"], strict=True)]
+    fractions = [p_ / o for o, p_ in zip(times["one_pass"], times["plain_forward"], strict=True)]
+    speedup, vs_plain = statistics.median(speedups), statistics.median(fractions)
     ceiling = sum(la + 1 for la in layers) / (deepest + 1)  # blocks run by per-layer passes / by one pass
     result = {
         "benchmark": "second-moment statistics, one pass vs per-layer passes vs plain forward",
@@ -120,6 +109,8 @@ def main() -> int:
         "one_pass_fraction_of_plain": round(vs_plain, 3),
         "one_pass_fraction_of_plain_from_totals": round(tps["one_pass"] / tps["plain_forward"], 3),
         "ratios_are": "medians over batches of per-batch time ratios (variants interleaved batch by batch)",
+        "per_batch_range": {"speedup_one_vs_five": [round(min(speedups), 3), round(max(speedups), 3)],
+                            "one_pass_fraction_of_plain": [round(min(fractions), 3), round(max(fractions), 3)]},
         "goals": {"speedup>=4": speedup >= 4, "fraction_of_plain>=0.8": vs_plain >= 0.8},
         "one_vs_five_max_rel_err": max_rel,
     }
@@ -158,7 +149,7 @@ def ablations(rows, args, one_pass, plain_forward) -> dict:
                 "fp64 full X^T X": with_gram(fp64_full),
                 "no gram (forward + captures only)": with_gram(lambda S, X: None),
                 "plain_forward": plain_forward}
-    for bt in (2048, 4096, 16384):
+    for bt in (2048, 4096, 8192, 16384):
         if bt != args.batch_tokens:
             variants[f"kedit, batch_tokens={bt}"] = with_gram(real, bt)
             variants[f"plain_forward, batch_tokens={bt}"] = lambda u, bt=bt: plain_forward(u, bt)
