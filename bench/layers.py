@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine import machine  # bench/machine.py (scripts run as bench/<name>.py)
 
 from kedit.arch import ArchitectureAdapter
 from kedit.commands.layers import parse_candidates
@@ -42,12 +41,6 @@ DATASETS = {"counterfact": f"counterfact:{DATA / 'counterfact_subset500.json'}",
 CORPUS = DATA / "wikitext-2-raw" / "wiki.test.raw"
 RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               "unknown")
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "loadavg_start": os.getloadavg()}
 
 
 def table(res: dict) -> str:
