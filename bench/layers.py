@@ -75,6 +75,8 @@ def main() -> int:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in anchor optimisation")
     p.add_argument("--steps", type=int, default=None, help="anchor optimisation steps (default: the editor's)")
     p.add_argument("--candidates", default=None, help="candidate layers, e.g. 8-12 (default: every layer)")
+    p.add_argument("--brute-candidates", default=None,
+                   help="layers brute force edits (default: --candidates); LGA and tracing still score every candidate")
     p.add_argument("--out", default=str(RESULTS / "layers.json"))
     args = p.parse_args()
     t_run = time.perf_counter()
@@ -107,7 +109,8 @@ def main() -> int:
     cands = tuple(layers)
     selectors = {"lga": LGA(predicted_true=True, layers=cands),
                  "causal": CausalTrace(samples=args.samples, layers=cands),
-                 "brute": BruteForce(method="rome", layers=cands, stats=stats, editor_kwargs={"anchor": anchor})}
+                 "brute": BruteForce(method="rome", layers=parse_candidates(args.brute_candidates) or cands,
+                                     stats=stats, editor_kwargs={"anchor": anchor})}
     for kind, cases in data.items():
         for name, sel in selectors.items():
             done = res["choices"].setdefault(kind, {})

@@ -233,6 +233,27 @@ def test_apply_each_equals_separate_applies(tiny_tok):
             pass
 
 
+def test_shared_anchor_cache_reuses_anchors_only_for_the_same_weights(tiny_tok):
+    model = make_tiny("llama", tiny_tok)
+    stats = _low_rank_stats(model, [1, 2])
+    cache: dict = {}
+    plain = Editor(model, tiny_tok, "alphaedit", layers=[1, 2], stats=stats, anchor=FAST).apply(REQS[:2])
+    want = plain.deltas[2].dense().clone()
+    plain.undo()
+    first = Editor(model, tiny_tok, "memit", layers=[1, 2], stats=stats, anchor=FAST, anchor_cache=cache)
+    e1 = first.apply(REQS[:2])
+    assert len(cache) == 1 and "reused" not in e1.record["anchors"][0]
+    e1.undo()
+    second = Editor(model, tiny_tok, "alphaedit", layers=[1, 2], stats=stats, anchor=FAST, anchor_cache=cache)
+    e2 = second.apply(REQS[:2])
+    assert e2.record["anchors"] == [{"layer": 1, "reused": True}]
+    torch.testing.assert_close(e2.deltas[2].dense(), want)  # same result as without the cache
+    e3 = second.apply(REQS[2:3])  # weights changed by e2: new key, fresh optimisation
+    assert "reused" not in e3.record["anchors"][0] and len(cache) == 2
+    e3.undo()
+    e2.undo()
+
+
 def test_sequential_state_carried_and_rolled_back_by_undo(tiny_tok):
     model = make_tiny("llama", tiny_tok)
     editor = Editor(model, tiny_tok, layers=[1, 2], stats=_low_rank_stats(model, [1, 2]), anchor=FAST)

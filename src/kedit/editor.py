@@ -87,6 +87,7 @@ class _Prepared:
 
     def __init__(self, tok, requests: list[EditRequest], templates: list[str], chunk: int):
         self.n, self.T = len(requests), len(templates)
+        self.requests = tuple(requests)
         pad = pad_id(tok)
         seqs, decisive, req_of = [], [], []
         self.targets = []
@@ -128,11 +129,16 @@ class Editor:
     ``{layer: C [f, f]}`` mapping; ``anchor``: AnchorConfig overrides (dict) or an AnchorConfig;
     other keyword arguments are the solver's hyperparameters. Sequential calls to ``apply`` carry
     the solver state (e.g. MEMIT's ``C_cache``); ``reset()`` forgets it.
+
+    ``anchor_cache``: a dict shared by several editors (e.g. one per solver) so that anchors already
+    optimised for the same weights, requests, layer, templates and anchor settings are reused: the
+    anchors do not depend on the solver, so comparing solvers costs one optimisation per layer.
     """
 
     def __init__(self, model, tok, method: str | Any = "memit", targets: str | Any = "forward",
                  layers: list[int] | None = None, *, stats: Any = None, anchor: AnchorConfig | dict | None = None,
-                 seed: int = 0, diagnostics: bool = False, verbose: bool = False, **hparams: Any):
+                 seed: int = 0, diagnostics: bool = False, verbose: bool = False,
+                 anchor_cache: dict | None = None, **hparams: Any):
         self.model, self.tok = model, tok
         self.adapter = ArchitectureAdapter.from_model(model)
         self.builder = make_targets(targets) if isinstance(targets, str) else targets
@@ -156,6 +162,7 @@ class Editor:
         self.diagnostics = diagnostics
         self.verbose = verbose
         self.fingerprint = model_fingerprint(model)
+        self.anchor_cache = anchor_cache
         self.state: dict[int, dict] = {layer: {} for layer in self.layers}
         self._C: dict[int, torch.Tensor] = {}
         self._templates: list[str] | None = None
@@ -263,9 +270,19 @@ class Editor:
         class Session:
             def optimize(self, layer: int) -> Anchors:
                 t0 = time.perf_counter()
+                cache, key = editor.anchor_cache, None
+                if cache is not None:  # the weights as they are now are part of the key (sequential editing)
+                    key = (model_fingerprint(editor.model), layer, prep.requests, tuple(editor.templates),
+                           repr(editor.anchor_cfg))
+                    if key in cache:
+                        editor._log(f"reusing {prep.n} anchors at layer {layer}")
+                        log.setdefault("anchors", []).append({"layer": layer, "reused": True})
+                        return cache[key]
                 editor._log(f"optimising {prep.n} anchors at layer {layer}")
                 a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
                                      pad_id(editor.tok))
+                if key is not None:
+                    cache[key] = a
                 log.setdefault("anchors", []).append({
                     "layer": layer, "seconds": round(a.seconds, 3), "gflops": round(a.flops / 1e9, 2),
                     "nll_start": a.nll_start.mean().item(), "nll_end": a.nll_end.mean().item(),
