@@ -219,6 +219,16 @@ def test_self_sampled_corpus_is_seeded_and_cached(tiny_llama, tiny_tok, home):
     assert info[2].tokens == 300 and torch.isfinite(C[2]).all()
 
 
+def test_sampling_stops_at_the_context_length(tiny_tok):
+    from conftest import make_tiny
+
+    from kedit.sampling import sample
+
+    gpt2 = make_tiny("gpt2", tiny_tok)  # learned positions: a step past n_positions would raise IndexError
+    texts = sample(gpt2, tiny_tok, "The city of", 2, max_new_tokens=gpt2.config.n_positions + 50, seed=0, top_k=0)
+    assert len(texts) == 2 and all(t.startswith("The city of") for t in texts)
+
+
 def test_cli_stats_json(tiny_llama, tiny_tok, tmp_path, text_file, capsys):
     from kedit.cli import main
 

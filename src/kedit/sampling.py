@@ -11,10 +11,16 @@ import torch
 
 @torch.no_grad()
 def sample(model, tok, prefix: str, n: int, max_new_tokens: int, seed: int, top_k: int = 5) -> list[str]:
-    """``n`` continuations of ``prefix`` (top-k sampling, KV cache); text stops at EOS."""
+    """``n`` continuations of ``prefix`` (top-k sampling, KV cache); text stops at EOS.
+
+    Never runs past the model's context length (``max_new_tokens`` is cut to what fits).
+    """
+    from kedit.stats import effective_max_length
+
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     ids = torch.tensor([tok(prefix)["input_ids"]] * n, device=device)  # [n, t]
+    max_new_tokens = min(max_new_tokens, effective_max_length(model, ids.shape[1] + max_new_tokens) - ids.shape[1])
     out = model(input_ids=ids, use_cache=True)
     past, new = out.past_key_values, []
     done = torch.zeros(n, dtype=torch.bool)
