@@ -81,10 +81,12 @@ def main() -> int:
     args = p.parse_args()
     t_run = time.perf_counter()
     partial = Path(args.out).with_suffix(".partial.json")
-    config = {k: v for k, v in vars(args).items() if k not in ("minutes", "out")}
+    config = {k: v for k, v in vars(args).items() if k not in ("minutes", "out", "test")}
     res = json.loads(partial.read_text()) if partial.is_file() else {}
     if res.get("config") != config:
         res = {"config": config, "choices": {}, "tests": {}, "lga_timing": {}, "runs": []}
+    if res.get("n_test") != args.test:  # the choices stay valid; test-set scores do not
+        res["n_test"], res["tests"] = args.test, {}
     res["runs"].append({"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     anchor = {"autocast_bf16": True} if args.bf16 else {}
     if args.steps:

@@ -127,7 +127,9 @@ class Editor:
 
     ``layers``: edited layers (default derived from depth); ``stats``: a kedit.stats.StatsSpec or a
     ``{layer: C [f, f]}`` mapping; ``anchor``: AnchorConfig overrides (dict) or an AnchorConfig;
-    other keyword arguments are the solver's hyperparameters. Sequential calls to ``apply`` carry
+    ``diagnostics``: record per edited layer the remaining residual ratio at the last layer, the cosine
+    between its own and its induced output change, and its update norm (one extra bare-prompt pass per
+    layer); other keyword arguments are the solver's hyperparameters. Sequential calls to ``apply`` carry
     the solver state (e.g. MEMIT's ``C_cache``); ``reset()`` forgets it.
 
     ``anchor_cache``: a dict shared by several editors (e.g. one per solver) so that anchors already
@@ -137,7 +139,7 @@ class Editor:
 
     def __init__(self, model, tok, method: str | Any = "memit", targets: str | Any = "forward",
                  layers: list[int] | None = None, *, stats: Any = None, anchor: AnchorConfig | dict | None = None,
-                 seed: int = 0, diagnostics: bool = False, verbose: bool = False,
+                 seed: int = 0, diagnostics: bool = True, verbose: bool = False,
                  anchor_cache: dict | None = None, **hparams: Any):
         self.model, self.tok = model, tok
         self.adapter = ArchitectureAdapter.from_model(model)
@@ -221,15 +223,18 @@ class Editor:
     @torch.no_grad()
     def _read(self, prep: _Prepared, key_layers: list[int], hidden_layers: list[int],
               chunk: int = 256) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Template-averaged keys ``{l: [n, f]}`` and bare-prompt residuals ``{l: [n, d]}`` now."""
+        """Template-averaged keys ``{l: [n, f]}`` and bare-prompt residuals ``{l: [n, d]}`` now.
+
+        Without ``key_layers`` only the bare-prompt rows are run (1/T of the template rows).
+        """
         device = next(self.model.parameters()).device
         keys = {layer: torch.zeros(prep.n, self.adapter.d_ff, dtype=torch.float64) for layer in key_layers}
         hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
-        rows_total = prep.key_ids.shape[0]
-        for lo in range(0, rows_total, chunk):
-            sl = slice(lo, min(rows_total, lo + chunk))
+        rows = torch.arange(prep.key_ids.shape[0]) if key_layers else prep.bare_rows
+        for lo in range(0, len(rows), chunk):
+            sl = rows[lo:lo + chunk]
             width = int(prep.key_mask[sl].sum(1).max())
-            idx = (torch.arange(sl.stop - sl.start, device=device), prep.key_decisive[sl].to(device))
+            idx = (torch.arange(len(sl), device=device), prep.key_decisive[sl].to(device))
             with Trace(self.adapter) as tr:
                 for layer in key_layers:
                     tr.capture_key(layer, idx)
@@ -238,10 +243,9 @@ class Editor:
                 tr.stop_after(max(key_layers + hidden_layers))
                 tr.run(input_ids=prep.key_ids[sl, :width].to(device),
                        attention_mask=prep.key_mask[sl, :width].to(device))
-            req = prep.key_request[sl]
             for layer in key_layers:
-                keys[layer].index_add_(0, req, tr.keys[layer].double().cpu())
-            bare = (torch.arange(sl.start, sl.stop) % prep.T) == 0
+                keys[layer].index_add_(0, prep.key_request[sl], tr.keys[layer].double().cpu())
+            bare = (sl % prep.T) == 0
             for layer in hidden_layers:
                 hidden[layer].append(tr.blocks[layer][bare.to(device)].float().cpu())
         return ({k: v / prep.T for k, v in keys.items()}, {k: torch.cat(v) for k, v in hidden.items()})
@@ -388,7 +392,7 @@ class Editor:
     def _diagnose(self, prep, targets, layer, K, hidden, delta, h_final_before) -> dict[str, Any]:
         """Remaining residual at the last layer, cos(own change, induced change), update norm."""
         final = targets.final_layer
-        _, after = self._read(prep, [layer], sorted({layer, final}))
+        _, after = self._read(prep, [], [final])  # bare prompts only: cheap enough to be on by default
         z = targets.final_target
         start = (z - h_final_before).norm(dim=-1)
         own = (K.double() @ delta.dense().T.double()).float()  # [n, d] this layer's output change

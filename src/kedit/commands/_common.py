@@ -33,7 +33,7 @@ def add_editor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="anchor optimisation steps")
     p.add_argument("--lr", type=float, default=None, help="anchor optimisation learning rate")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the anchor optimisation")
-    p.add_argument("--diagnostics", action="store_true", help="record per-layer residual ratio, cos, norms")
+    p.add_argument("--diagnostics", action="store_true", help="print per-layer diagnostics (always recorded)")
 
 
 def load(args: argparse.Namespace):
@@ -67,7 +67,7 @@ def make_editor(args: argparse.Namespace, model, tok, verbose: bool = True):
         anchor["autocast_bf16"] = True
     hp = {"lam": args.lam} if args.lam is not None and args.method in ("memit", "emmet") else {}
     return Editor(model, tok, method=args.method, targets=args.targets, layers=layers, stats=stats_spec(args),
-                  anchor=anchor, seed=args.seed, diagnostics=args.diagnostics, verbose=verbose, **hp)
+                  anchor=anchor, seed=args.seed, verbose=verbose, **hp)
 
 
 def snapshot(model, tok, requests: list[EditRequest], max_new_tokens: int = 10) -> list[dict[str, Any]]:

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=1))
     else:
         print_table(requests, before, after)
-        print_diagnostics(edit.record)
+        if args.diagnostics:
+            print_diagnostics(edit.record)
         print(f"\n[kedit] edited {len(requests)} fact(s) in {seconds:.1f} s", file=sys.stderr)
     return 0
