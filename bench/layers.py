@@ -5,8 +5,8 @@
 Per dataset (CounterFact subset, zsRE eval; ROME convention for zsRE: target = answers[0], LGA uses
 the model's own answer as the "true" target): the first --proxy records choose a layer with every
 strategy (brute force = every layer edited, scored and restored per request: golden layer and
-sample-wise optima); the next --test records (disjoint) are then edited one at a time at every
-chosen layer (both datasets' choices: in-domain and transfer) and scored with the harness's rank
+sample-wise optima); the next --test records (disjoint) are then edited one at a time at each layer
+chosen on that dataset and at the other dataset's golden layer (transfer), and scored with the harness's rank
 score (mean of ES, PS, NS for CounterFact; efficacy / generalisation token accuracy and
 specificity agreement for zsRE). Also times factored vs naive LGA on the same proxy set.
 
@@ -130,9 +130,12 @@ def main() -> int:
                                        "max_rel_diff": rel, "same_choice": naive.layers == fact["layers"]}
             save()
     complete = all(len(res["choices"].get(k, {})) == len(selectors) for k in data)
-    chosen = sorted({c["layers"][0] for per in res["choices"].values() for c in per.values()}) if complete else []
+    # test set of each dataset: at its own strategies' choices and at the other datasets' golden layers (transfer)
+    chosen = {kind: sorted({c["layers"][0] for c in res["choices"][kind].values()}
+                           | {res["choices"][o]["brute"]["layers"][0] for o in data}) if complete else []
+              for kind in data}
     for kind, cases in data.items():
-        for layer in chosen:
+        for layer in chosen[kind]:
             per = res["tests"].setdefault(kind, {})
             if str(layer) in per or out_of_time():
                 continue
@@ -143,14 +146,14 @@ def main() -> int:
             per.setdefault("_per_request", {})[str(layer)] = ws.score[:, 0].tolist()
             per.setdefault("_seconds", {})[str(layer)] = ws.seconds
             save()
-    finished = complete and all(str(l) in res["tests"].get(k, {}) for k in data for l in chosen)
+    finished = complete and all(str(l) in res["tests"].get(k, {}) for k in data for l in chosen[k])
     if not finished:
         print(f"partial: saved to {partial}; run again to continue", file=sys.stderr)
         return 3
     for kind in data:  # sample-wise optimum over the layers scored on the test set (a lower bound)
         per = res["tests"][kind]["_per_request"]
-        res["tests"][kind]["_optimum"] = torch.tensor([per[str(l)] for l in chosen]).nan_to_num(-1).max(0).values \
-            .mean().item()
+        scored = torch.tensor([per[str(l)] for l in chosen[kind]]).nan_to_num(-1)  # [layers, requests]
+        res["tests"][kind]["_optimum"] = scored.max(0).values.mean().item()
         plot_layers({"model": "smollm2-135m", "method": "rome", "window": 1, "strategies": res["choices"][kind]},
                     Path(args.out).parent / f"layers-{kind}.png")
     res["time_ratio_brute_over_lga"] = {k: res["choices"][k]["brute"]["seconds"] / res["choices"][k]["lga"]["seconds"]
