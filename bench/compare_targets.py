@@ -61,10 +61,10 @@ class Recording:
 def plan(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     """(dataset, mode, solver, targets), anchors-sharing order: each dataset's batch runs together."""
     runs = []
-    for ds in args.datasets.split(","):
+    for ds in args.datasets.split(",") if "batch" in args.modes else []:
         runs += [(ds, "batch", s, t) for t in ("backward", "forward") for s in args.solvers.split(",")]
         runs += [(ds, "batch", "memit", t) for t in ("onelayer", "blue")]
-    if "counterfact" in args.datasets.split(",") and args.seq_size:
+    if "counterfact" in args.datasets.split(",") and args.seq_size and "sequential" in args.modes:
         runs += [("counterfact", "sequential", s, t) for s in args.seq_solvers.split(",")
                  for t in ("backward", "forward")]
     return runs
@@ -83,7 +83,7 @@ def run_all(args: argparse.Namespace) -> None:
     stats = StatsSpec(corpus=str(CORPUS))
     specs = {"counterfact": (f"counterfact:{DATA / 'counterfact_subset500.json'}", None),
              "zsre": (f"zsre:{DATA / 'zsre_mend_eval_portability_gpt4.json'}", "answers")}
-    loaded: dict[str, tuple] = {}
+    loaded: dict[tuple[str, bool], tuple] = {}
     caches: dict[str, dict] = {}
     for ds, mode, solver, targets in plan(args):
         out = OUT / f"{ds}_{mode}_{solver}_{targets}"
@@ -92,14 +92,13 @@ def run_all(args: argparse.Namespace) -> None:
         if time.perf_counter() - t_run > 60 * args.minutes:
             print(f"[bench] --minutes {args.minutes} reached; run again to continue", file=sys.stderr)
             return
-        if ds not in loaded:
+        fluency = ds == "counterfact" and args.fluency_prompts > 0 and solver in args.fluency_solvers.split(",")
+        if (ds, fluency) not in loaded:  # one evaluator (and pre-edit pass) per dataset and fluency setting
             spec, zsre_target = specs[ds]
-            n = args.n if mode == "batch" else args.seq_batches * args.seq_size
-            data = load_dataset(spec, n=max(n, args.seq_batches * args.seq_size), zsre_target=zsre_target)
-            fluency = ds == "counterfact" and args.fluency_prompts > 0
-            loaded[ds] = (data, Evaluator(model, tok, fluency=fluency, fluency_prompts=args.fluency_prompts or None,
-                                          seed=0, progress=True))
-        data, ev = loaded[ds]
+            data = load_dataset(spec, n=max(args.n, args.seq_batches * args.seq_size), zsre_target=zsre_target)
+            loaded[ds, fluency] = (data, Evaluator(model, tok, fluency=fluency, fluency_prompts=args.fluency_prompts
+                                                   or None, seed=0, progress=True))
+        data, ev = loaded[ds, fluency]
         cases = data.cases[:args.n] if mode == "batch" else data.cases[:args.seq_batches * args.seq_size]
         print(f"[bench] {ds} {mode} {solver}/{targets} on {len(cases)} records", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
@@ -157,9 +156,8 @@ def write_outputs() -> int:
                       "| solver | targets | " + " | ".join(c for c, _ in cols)
                       + " | residual ratio first -> last | edit s | optimize s |",
                       "|---" * (len(cols) + 5) + "|"]
-            pre = next(iter(sel.values()))["summary"]
-            lines.append("| unedited | - | " + " | ".join(cell((pre.get(k) or {}).get("pre")) for _, k in cols)
-                         + " | - | - | - |")
+            pre = [next((r["summary"][k].get("pre") for r in sel.values() if k in r["summary"]), None) for _, k in cols]
+            lines.append("| unedited | - | " + " | ".join(cell(p) for p in pre) + " | - | - | - |")
             for name, r in sel.items():
                 _, _, solver, targets = name.split("_")
                 s, diag = r["summary"], r["diagnostics"][-1]["diagnostics"]
@@ -213,11 +211,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=200, help="records per dataset in batch mode")
     p.add_argument("--datasets", default="counterfact,zsre")
+    p.add_argument("--modes", default="batch,sequential")
     p.add_argument("--solvers", default=",".join(SOLVERS))
     p.add_argument("--seq-batches", type=int, default=4)
     p.add_argument("--seq-size", type=int, default=10, help="records per sequential batch (0: no sequential runs)")
     p.add_argument("--seq-solvers", default="memit,alphaedit")
     p.add_argument("--fluency-prompts", type=int, default=1, help="CounterFact generation prompts per record (0: off)")
+    p.add_argument("--fluency-solvers", default=",".join(SOLVERS), help="solvers whose runs generate for fluency")
     p.add_argument("--minutes", type=float, default=120.0, help="start no new run after this")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--table-only", action="store_true")
