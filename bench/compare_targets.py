@@ -59,10 +59,10 @@ class Recording:
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
-    """(dataset, mode, solver, targets), anchors-sharing order: each dataset's batch runs together."""
+    """(dataset, mode, solver, targets): each dataset's batch runs together, each solver's pair in a row."""
     runs = []
     for ds in args.datasets.split(",") if "batch" in args.modes else []:
-        runs += [(ds, "batch", s, t) for t in ("backward", "forward") for s in args.solvers.split(",")]
+        runs += [(ds, "batch", s, t) for s in args.solvers.split(",") for t in ("backward", "forward")]
         runs += [(ds, "batch", "memit", t) for t in ("onelayer", "blue")]
     if "counterfact" in args.datasets.split(",") and args.seq_size and "sequential" in args.modes:
         runs += [("counterfact", "sequential", s, t) for s in args.seq_solvers.split(",")

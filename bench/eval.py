@@ -42,7 +42,8 @@ def cell(entry: dict | None) -> str:
 
 
 def table(name: str, keys: tuple[str, ...], runs: dict[str, dict]) -> list[str]:
-    lines = [f"### {name}", "", "| metric | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    lines = [f"### {name}", "", "| metric | " + " | ".join(f"{r} (n={s['n_cases']})" for r, s in runs.items()) + " |",
+             "|---" * (len(runs) + 1) + "|"]
     for k in keys:
         if any(k in s for s in runs.values()):
             lines.append(f"| {k} | " + " | ".join(cell(s.get(k)) for s in runs.values()) + " |")
@@ -121,7 +122,7 @@ def write_table() -> int:
              "unedited model (= pre-edit values). Commands are in each run's summary.json (config.command).", ""]
     for ds, keys in (("counterfact", CF_KEYS), ("zsre", ZSRE_KEYS)):
         if ds in out:
-            lines += table(f"{ds} (n={next(iter(out[ds].values()))['n_cases']})", keys, out[ds])
+            lines += table(ds, keys, out[ds])
     (RESULTS / "eval_table.md").write_text("\n".join(lines))
     slim = {ds: {r: {k: v for k, v in s.items() if k != "trajectory"} for r, s in runs.items()}
             for ds, runs in out.items()}

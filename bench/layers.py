@@ -130,30 +130,40 @@ def main() -> int:
                                        "max_rel_diff": rel, "same_choice": naive.layers == fact["layers"]}
             save()
     complete = all(len(res["choices"].get(k, {})) == len(selectors) for k in data)
-    # test set of each dataset: at its own strategies' choices and at the other datasets' golden layers (transfer)
-    chosen = {kind: sorted({c["layers"][0] for c in res["choices"][kind].values()}
-                           | {res["choices"][o]["brute"]["layers"][0] for o in data}) if complete else []
-              for kind in data}
-    for kind, cases in data.items():
-        for layer in chosen[kind]:
-            per = res["tests"].setdefault(kind, {})
-            if str(layer) in per or out_of_time():
-                continue
-            print(f"{kind}: test {args.test} records at layer {layer}", file=sys.stderr, flush=True)
-            ws = score_windows(model, tok, cases[args.proxy:], [[layer]], "rome", stats=stats,
-                               editor_kwargs={"anchor": anchor})
-            per[str(layer)] = ws.score.nanmean().item()
-            per.setdefault("_per_request", {})[str(layer)] = ws.score[:, 0].tolist()
-            per.setdefault("_seconds", {})[str(layer)] = ws.seconds
-            save()
-    finished = complete and all(str(l) in res["tests"].get(k, {}) for k in data for l in chosen[k])
-    if not finished:
+    # test set of each dataset: at its own strategies' choices (golden first) and at the other datasets'
+    # golden layers (transfer); steps interleaved across datasets so that a time cut leaves both partial
+    chosen: dict[str, list[int]] = {}
+    for kind in data:
+        if complete:
+            own = [res["choices"][kind][s]["layers"][0] for s in ("brute", "lga", "causal")]
+            other = [res["choices"][o]["brute"]["layers"][0] for o in data if o != kind]
+            chosen[kind] = list(dict.fromkeys(own + other))
+        else:
+            chosen[kind] = []
+    steps = [(kind, layer) for i in range(max(map(len, chosen.values()), default=0))
+             for kind in data for layer in chosen[kind][i:i + 1]]
+    for kind, layer in steps:
+        per = res["tests"].setdefault(kind, {})
+        if str(layer) in per or out_of_time():
+            continue
+        print(f"{kind}: test {args.test} records at layer {layer}", file=sys.stderr, flush=True)
+        ws = score_windows(model, tok, data[kind][args.proxy:], [[layer]], "rome", stats=stats,
+                           editor_kwargs={"anchor": anchor})
+        per[str(layer)] = ws.score.nanmean().item()
+        per.setdefault("_per_request", {})[str(layer)] = ws.score[:, 0].tolist()
+        per.setdefault("_seconds", {})[str(layer)] = ws.seconds
+        save()
+    if not complete:
         print(f"partial: saved to {partial}; run again to continue", file=sys.stderr)
         return 3
+    res["tests_complete"] = all(str(l) in res["tests"].get(k, {}) for k, l in steps)
+    if not res["tests_complete"]:
+        print("test sets not scored at every chosen layer (time limit): run again to complete", file=sys.stderr)
     for kind in data:  # sample-wise optimum over the layers scored on the test set (a lower bound)
-        per = res["tests"][kind]["_per_request"]
-        scored = torch.tensor([per[str(l)] for l in chosen[kind]]).nan_to_num(-1)  # [layers, requests]
-        res["tests"][kind]["_optimum"] = scored.max(0).values.mean().item()
+        per = res["tests"].get(kind, {}).get("_per_request")
+        if per:
+            scored = torch.tensor(list(per.values())).nan_to_num(-1)  # [layers, requests]
+            res["tests"][kind]["_optimum"] = scored.max(0).values.mean().item()
         plot_layers({"model": "smollm2-135m", "method": "rome", "window": 1, "strategies": res["choices"][kind]},
                     Path(args.out).parent / f"layers-{kind}.png")
     res["time_ratio_brute_over_lga"] = {k: res["choices"][k]["brute"]["seconds"] / res["choices"][k]["lga"]["seconds"]
