@@ -265,3 +265,15 @@ def test_sequential_state_carried_and_rolled_back_by_undo(tiny_tok):
     assert torch.equal(editor.state[2]["C_cache"], cache)
     first.undo()
     assert "C_cache" not in editor.state[2]
+
+
+def test_default_preservation_weight_follows_the_targets_also_for_post_processors():
+    from kedit.editor import default_solver_hparams
+
+    assert default_solver_hparams("memit", "backward", {})["lam"] == 5000.0
+    assert default_solver_hparams("memit", "forward", {})["lam"] == 15000.0
+    for method in ("prune", "rect"):
+        assert default_solver_hparams(method, "backward", {})["base"] == {"name": "memit", "lam": 5000.0}
+        assert default_solver_hparams(method, "forward", {})["base"]["lam"] == 15000.0
+        assert default_solver_hparams(method, "backward", {"base": "emmet"}) == {"base": "emmet"}
+    assert default_solver_hparams("rome", "onelayer", {}) == {}

@@ -55,9 +55,12 @@ def default_solver_hparams(method: str, targets: str, given: dict[str, Any]) -> 
     """
     from kedit.solvers import SOLVERS
 
+    lam = 5000.0 if targets == "backward" else 15000.0
     fields = getattr(SOLVERS.get(method), "__dataclass_fields__", {})
     if "lam" in fields and "lam" not in given:
-        return {**given, "lam": 5000.0 if targets == "backward" else 15000.0}
+        return {**given, "lam": lam}
+    if "base" in fields and "base" not in given:  # PRUNE / RECT post-process MEMIT: same preservation weight
+        return {**given, "base": {"name": "memit", "lam": lam}}
     return dict(given)
 
 
