@@ -161,6 +161,9 @@ def write_outputs() -> int:
             for name, r in sel.items():
                 _, _, solver, targets = name.split("_")
                 s, diag = r["summary"], r["diagnostics"][-1]["diagnostics"]
+                hp = s["config"]["editor"]["solver"]
+                lam = hp.get("lam", (hp.get("base") or {}).get("lam") if isinstance(hp.get("base"), dict) else None)
+                solver += f" (lam {lam:g})" if lam else ""
                 ratio = f"{diag[0]['residual_ratio']:.3f} -> {diag[-1]['residual_ratio']:.3f}" if diag else "-"
                 lines.append(f"| {solver} | {targets} | " + " | ".join(cell(s.get(k)) for _, k in cols)
                              + f" | {ratio} | {s['timings']['edit_s']:.0f} | {s['timings']['optimize_s']:.0f} |")
@@ -182,6 +185,7 @@ def plot_diagnostics(runs: dict[str, dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colours = {"backward": "tab:blue", "forward": "tab:red", "onelayer": "tab:grey", "blue": "tab:green"}
     markers = dict(zip(SOLVERS, "osD^v", strict=True))
@@ -196,6 +200,7 @@ def plot_diagnostics(runs: dict[str, dict], path: Path) -> None:
                     marker=markers.get(solver, "x"), lw=1.2, alpha=0.8, label=f"{solver}/{targets}")
     for ax, (key, title) in zip(axes, panels, strict=True):
         ax.set(title=title, xlabel="edited layer")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if key == "delta_norm":
             ax.set_yscale("log")
     axes[0].legend(fontsize=7, ncol=2)
