@@ -181,11 +181,11 @@ def plot_diagnostics(runs: dict[str, dict], path: Path) -> None:
     """Residual ratio, cos(own, induced) and update norm per edited layer; colour = targets, marker = solver."""
     if not runs:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    from kedit.eval.report import _pyplot  # the project's headless pyplot setup
+
+    plt = _pyplot()
 
     colours = {"backward": "tab:blue", "forward": "tab:red", "onelayer": "tab:grey", "blue": "tab:green"}
     markers = dict(zip(SOLVERS, "osD^v", strict=True))

@@ -547,13 +547,11 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{'variant':34s} {'s/request':>10s} {'steps':>6s}")
     print(f"{'batched fp32 (optimize_anchors)':34s} {bo['batched']['seconds_per_request']:10.2f} "
           f"{bo['batched']['steps_mean']:6.1f}")
-    ob = bo["one_by_one"]
-    print(f"{'one-by-one (compute_z), ' + str(ob['requests_timed']) + ' timed':34s} "
-          f"{ob['seconds_per_request']:10.2f} {sum(ob['steps']) / len(ob['steps']):6.1f}")
-    if "one_by_one_memit" in bo:
-        om = bo["one_by_one_memit"]
-        print(f"{'as MEMIT (2 LM heads), ' + str(om['requests_timed']) + ' timed':34s} "
-              f"{om['seconds_per_request']:10.2f} {sum(om['steps']) / len(om['steps']):6.1f}")
+    for key, label in (("one_by_one", "one-by-one (compute_z)"), ("one_by_one_memit", "as MEMIT (2 LM heads)")):
+        if key in bo:
+            o = bo[key]
+            print(f"{label + ', ' + str(o['requests_timed']) + ' timed':34s} "
+                  f"{o['seconds_per_request']:10.2f} {sum(o['steps']) / len(o['steps']):6.1f}")
     print(f"speedup {bo['speedup_per_request']:.2f}x vs one LM head"
           + (f", {bo['one_by_one_memit']['speedup_per_request']:.2f}x vs MEMIT" if "one_by_one_memit" in bo else "")
           + f"; anchors max rel diff {bo['agreement']['max_rel_norm_diff']:.1e}")
