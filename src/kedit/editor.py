@@ -23,6 +23,7 @@ from kedit.errors import EditFailed, KeditError
 from kedit.hooks import Trace
 from kedit.models import model_fingerprint
 from kedit.optimize import AnchorConfig, AnchorProblem, Anchors, optimize_anchors
+from kedit.progress import bar
 from kedit.requests import EditRequest, check_batch
 from kedit.solvers import LayerProblem, make_solver, resolve_defaults, with_hparams
 from kedit.targets import make_targets, preferred_hparams
@@ -269,8 +270,14 @@ class Editor:
                         log.setdefault("anchors", []).append({"layer": layer, "reused": True})
                         return cache[key]
                 editor._log(f"optimising {prep.n} anchors at layer {layer}")
-                a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
-                                     pad_id(editor.tok))
+                steps = editor.anchor_cfg.steps
+                with bar(len(prep.chunks) * steps, f"anchors L{layer}", "step", editor.verbose) as pb:
+                    def on_step(chunk: int, step: int, converged: int) -> None:
+                        pb.n = chunk * steps + step
+                        pb.set_postfix_str(f"converged {converged}/{prep.chunks[chunk].n}", refresh=True)
+
+                    a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
+                                         pad_id(editor.tok), on_step=on_step)
                 if key is not None:
                     cache[key] = a
                 log.setdefault("anchors", []).append({
@@ -347,7 +354,8 @@ class Editor:
         layer = targets.edit_layers[0]
         try:
             h_final_before = None
-            for j, layer in enumerate(targets.edit_layers):
+            for j, layer in enumerate(bar(desc="keys+solve", unit="layer", enabled=self.verbose and len(
+                    targets.edit_layers) > 1, iterable=targets.edit_layers)):
                 keys, hidden = self._read(prep, [layer], sorted({layer, final}))
                 if self.diagnostics and h_final_before is None:
                     h_final_before = hidden[final]

@@ -27,3 +27,7 @@ class ModelNotFound(KeditError):
 
 class EditFailed(KeditError):
     """Applying an edit failed part-way; every touched weight has been restored."""
+
+
+class UsageError(KeditError, ValueError):
+    """A command-line flag or flag combination is invalid; the message names the flag and what to do."""
