@@ -231,6 +231,11 @@ def validate(args: argparse.Namespace) -> None:
             make_solver(args.method, **hparams)  # values checked here (the solvers' own checks)
         except (TypeError, ValueError) as e:
             raise UsageError(f"--hparam/--lam: {e}") from None
+    # belt and braces for counts declared outside this module (e.g. `demo --facts`): never <= 0
+    for name in ("tokens", "steps", "lr", "n", "facts", "batch_size", "proxy", "samples"):
+        value = getattr(args, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')}: must be > 0, got {value}")
     # "any": the command decides whether it writes a file or a directory there
     for flag, kind in (("save", "file"), ("out", "any"), ("export", "any"), ("png", "file")):
         value = getattr(args, flag, None)
