@@ -307,9 +307,10 @@ def check_writable(path: Path, kind: str, flag: str) -> None:
             raise UsageError(f"{flag} {path}: exists and is not a directory")
         if not os.access(path, os.W_OK):
             raise UsageError(f"{flag} {path}: not writable")
+    # the nearest existing ancestor must be a writable directory: missing folders get created there, and
+    # atomic writes put their temp file beside the target (so an existing file's folder must be writable too)
     parent = path if path.is_dir() else path.parent
-    while not parent.exists():  # the nearest existing ancestor must be a writable directory (atomic writes
-        # put their temp file beside the target, so an existing file's directory must be writable too)
+    while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"{flag} {path}: {parent} is a file, not a directory")
