@@ -201,6 +201,14 @@ def test_bad_inputs_are_one_line_exit_2_without_traceback(tiny_dir, tmp_path, ca
         assert out == ""
 
 
+def test_kedit_home_that_is_a_file_fails_up_front(tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    monkeypatch.setenv("KEDIT_HOME", str(home))
+    rc, _, err = run_cli(capsys, "edit", "--model", "no-such-model", *FACT)
+    assert_one_line_error(rc, err, "edit", f"KEDIT_HOME {home} is a file")
+
+
 def test_out_of_range_layers_fail_before_statistics(tiny_dir, tmp_path, capsys, monkeypatch):
     import kedit.stats
 

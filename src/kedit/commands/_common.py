@@ -216,7 +216,13 @@ def add_editor_args(p: argparse.ArgumentParser, *, allow_none: bool = False, tok
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Checks that need no model: device, device map, memory caps, solver hyperparameters, output paths."""
+    """Checks that need no model: cache folder, device, device map, memory caps, solver hyperparameters,
+    counts, output paths."""
+    from kedit.models import kedit_home
+
+    home = kedit_home()
+    if home.exists() and not home.is_dir():  # else every cache write fails, after the work
+        raise UsageError(f"KEDIT_HOME {home} is a file, not a directory; point KEDIT_HOME at a folder")
     if getattr(args, "device", None):
         check_device(args.device)
     if getattr(args, "device_map", None):
