@@ -323,10 +323,15 @@ class Editor:
         prep, targets, log = self.prepare(requests)
         edit, pending = self._edit_loop(requests, prep, targets, log)
         previous = copy.deepcopy(self.state)
-        for layer, problem, delta in pending:
-            self.state[layer] = problem.state
-            if hasattr(self.solver, "update_state"):
-                self.solver.update_state(self.state[layer], problem, delta)
+        try:
+            for layer, problem, delta in pending:
+                self.state[layer] = problem.state
+                if hasattr(self.solver, "update_state"):
+                    self.solver.update_state(self.state[layer], problem, delta)
+        except BaseException:  # Ctrl-C too: weights and solver state go back together
+            self.state = previous
+            edit.undo()
+            raise
         edit._on_undo = lambda: setattr(self, "state", previous)
         edit.record["timings"]["total"] = time.perf_counter() - t_start
         return edit
@@ -378,8 +383,10 @@ class Editor:
                 pending.append((layer, problem, delta))
                 if self.diagnostics:
                     diag.append(self._diagnose(prep, targets, layer, keys[layer], hidden, delta, h_final_before))
-        except Exception as e:
+        except BaseException as e:  # Ctrl-C too: restore every touched layer, then re-raise as is
             edit.undo()
+            if not isinstance(e, Exception):
+                raise
             if isinstance(e, EditFailed):
                 raise EditFailed(f"{e}; every touched layer was restored") from e
             raise EditFailed(f"editing failed at layer {layer} ({type(e).__name__}: {e}); "
