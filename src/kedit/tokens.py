@@ -19,6 +19,26 @@ from kedit.errors import BadRequest
 
 
 @dataclass
+class TokenLimits:
+    """Caps on one request's token counts, checked at tokenisation (before any optimisation).
+
+    Long prompts and targets cost time and memory in every anchor step and rarely take (a
+    591-token target ran 384 s at ~12 GB without taking). Raise them with e.g.
+    ``kedit.tokens.LIMITS.max_target_tokens = 64``.
+    """
+
+    max_prompt_tokens: int = 256
+    max_target_tokens: int = 32
+
+
+LIMITS = TokenLimits()
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+@dataclass
 class Encoded:
     ids: list[int]
     decisive: int  # index of the subject's last token in ``ids``
@@ -34,8 +54,10 @@ def encode_with_subject(tok, template: str, subject: str) -> Encoded:
         hits = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < end and e > start]
         if not hits:
             raise BadRequest(f"subject {subject!r} maps to no token in {text!r}")
+        _check_cap(len(enc["input_ids"]), LIMITS.max_prompt_tokens, "prompt", text)
         return Encoded(list(enc["input_ids"]), hits[-1])
     ids = tok(text)["input_ids"]
+    _check_cap(len(ids), LIMITS.max_prompt_tokens, "prompt", text)
     prefix = tok(text[:end])["input_ids"]
     if ids[: len(prefix)] != prefix:
         raise BadRequest(f"subject {subject!r} ends inside a token of {text!r}; cannot locate its last token")
@@ -61,7 +83,14 @@ def target_ids(tok, prompt_text: str, target: str) -> list[int]:
         ids = ids[:-1]  # some tokenizers append EOS to every encoding
     if not ids:
         raise BadRequest(f"target {target!r} tokenises to nothing after {prompt_text!r}")
+    _check_cap(len(ids), LIMITS.max_target_tokens, "target", target)
     return ids
+
+
+def _check_cap(n: int, cap: int, what: str, text: str) -> None:
+    if n > cap:
+        raise BadRequest(f"{what} {_short(text)} is {n} tokens, over the limit of {cap} "
+                         f"(kedit.tokens.LIMITS.max_{what}_tokens)")
 
 
 @dataclass
