@@ -270,7 +270,7 @@ class Edit:
         """
         path = Path(path)
         if not path.is_file():
-            raise PatchError(f"patch file {path} does not exist")
+            raise PatchError(f"patch file {path} {'is not a file' if path.exists() else 'does not exist'}")
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = dict(f.metadata() or {})
