@@ -468,8 +468,10 @@ def test_token_caps_refuse_before_any_weight_changes(tiny_tok, monkeypatch):
     with pytest.raises(BadRequest, match="prompt .* over the limit of 256"):
         editor.apply([EditRequest("word " * 300 + "{} is", "France", "Berlin")])
     assert _same(model, base)
-    monkeypatch.setattr(tokens.LIMITS, "max_target_tokens", 1000)
+    # scoring is not capped (zsRE neighbourhood answers run to 126 tokens); the cap is configurable
     assert len(tokens.target_ids(tiny_tok, "The capital of France is", "Paris " * 40)) > 32
+    monkeypatch.setattr(tokens.LIMITS, "max_target_tokens", 1000)
+    tokens.check_limits(tiny_tok, [long_target])
 
 
 def test_did_not_take():

@@ -27,7 +27,7 @@ from kedit.requests import EditRequest, check_batch
 from kedit.solvers import LayerProblem, make_solver
 from kedit.targets import make_targets
 from kedit.templates import context_templates
-from kedit.tokens import encode_with_subject, pad_id, pad_right, target_ids, teacher_forced
+from kedit.tokens import check_limits, encode_with_subject, pad_id, pad_right, target_ids, teacher_forced
 
 KL_PROMPT = "{} is a"  # METHODS §4: protects the subject's essence
 
@@ -307,6 +307,7 @@ class Editor:
     def prepare(self, requests: list[EditRequest]) -> tuple[_Prepared, Any, dict[str, Any]]:
         """Validate, tokenise, compute statistics and build the targets (before any weight changes)."""
         check_batch(requests)
+        check_limits(self.tok, requests)  # before any forward pass: long inputs cost minutes and rarely take
         prep = _Prepared(self.tok, requests, self.templates, self.anchor_cfg.batch_size)
         for layer in self.layers:
             self.second_moment(layer)

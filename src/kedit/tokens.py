@@ -20,11 +20,12 @@ from kedit.errors import BadRequest
 
 @dataclass
 class TokenLimits:
-    """Caps on one request's token counts, checked at tokenisation (before any optimisation).
+    """Caps on an edit request's token counts, checked before any optimisation (``check_limits``).
 
     Long prompts and targets cost time and memory in every anchor step and rarely take (a
     591-token target ran 384 s at ~12 GB without taking). Raise them with e.g.
-    ``kedit.tokens.LIMITS.max_target_tokens = 64``.
+    ``kedit.tokens.LIMITS.max_target_tokens = 64``. Evaluation is not capped: zsRE's
+    neighbourhood answers run to 126 tokens and are only scored.
     """
 
     max_prompt_tokens: int = 256
@@ -54,10 +55,8 @@ def encode_with_subject(tok, template: str, subject: str) -> Encoded:
         hits = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < end and e > start]
         if not hits:
             raise BadRequest(f"subject {subject!r} maps to no token in {text!r}")
-        _check_cap(len(enc["input_ids"]), LIMITS.max_prompt_tokens, "prompt", text)
         return Encoded(list(enc["input_ids"]), hits[-1])
     ids = tok(text)["input_ids"]
-    _check_cap(len(ids), LIMITS.max_prompt_tokens, "prompt", text)
     prefix = tok(text[:end])["input_ids"]
     if ids[: len(prefix)] != prefix:
         raise BadRequest(f"subject {subject!r} ends inside a token of {text!r}; cannot locate its last token")
@@ -83,14 +82,20 @@ def target_ids(tok, prompt_text: str, target: str) -> list[int]:
         ids = ids[:-1]  # some tokenizers append EOS to every encoding
     if not ids:
         raise BadRequest(f"target {target!r} tokenises to nothing after {prompt_text!r}")
-    _check_cap(len(ids), LIMITS.max_target_tokens, "target", target)
     return ids
 
 
-def _check_cap(n: int, cap: int, what: str, text: str) -> None:
-    if n > cap:
-        raise BadRequest(f"{what} {_short(text)} is {n} tokens, over the limit of {cap} "
-                         f"(kedit.tokens.LIMITS.max_{what}_tokens)")
+def check_limits(tok, requests) -> None:
+    """Raise BadRequest for the first request whose filled prompt or target exceeds ``LIMITS``."""
+    for r in requests:
+        where = f" (request {r.case_id})" if r.case_id is not None else ""
+        n_prompt = len(tok(r.filled)["input_ids"])
+        n_target = len(target_ids(tok, r.filled, r.target_new))
+        for what, n, cap, text in (("prompt", n_prompt, LIMITS.max_prompt_tokens, r.filled),
+                                   ("target", n_target, LIMITS.max_target_tokens, r.target_new)):
+            if n > cap:
+                raise BadRequest(f"{what} {_short(text)} is {n} tokens, over the limit of {cap}{where}; "
+                                 f"raise kedit.tokens.LIMITS.max_{what}_tokens to allow it")
 
 
 @dataclass
