@@ -189,7 +189,7 @@ def _bad_inputs(tiny, tmp):
         (["edit", "--model", "no-such-model", *FACT], "edit", "unknown model 'no-such-model'"),
         (["edit", *m, "--hparam", "lam=-1", *FACT], "edit", "lam must be >= 0"),
         (["compare", tmp / "nothing-here"], "compare", "nothing-here"),
-        (["compare", corrupt], "compare", str(corrupt), "not a readable eval summary"),
+        (["compare", corrupt], "compare", str(corrupt / "summary.json")),
         (["cache", "clear", "--older-than", "-1"], "cache clear", "--older-than"),
     ]
 

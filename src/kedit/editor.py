@@ -28,7 +28,7 @@ from kedit.requests import EditRequest, check_batch
 from kedit.solvers import LayerProblem, make_solver, resolve_defaults, with_hparams
 from kedit.targets import make_targets, preferred_hparams
 from kedit.templates import context_templates
-from kedit.tokens import encode_with_subject, pad_id, pad_right, target_ids, teacher_forced
+from kedit.tokens import check_limits, encode_with_subject, pad_id, pad_right, target_ids, teacher_forced
 
 KL_PROMPT = "{} is a"  # METHODS §4: protects the subject's essence
 
@@ -297,6 +297,7 @@ class Editor:
     def prepare(self, requests: list[EditRequest]) -> tuple[_Prepared, Any, dict[str, Any]]:
         """Validate, tokenise, compute statistics and build the targets (before any weight changes)."""
         check_batch(requests)
+        check_limits(self.tok, requests)  # before any forward pass: long inputs cost minutes and rarely take
         prep = _Prepared(self.tok, requests, self.templates, self.anchor_cfg.batch_size)
         for layer in self.layers:
             self.second_moment(layer)
@@ -313,10 +314,15 @@ class Editor:
         prep, targets, log = self.prepare(requests)
         edit, pending = self._edit_loop(requests, prep, targets, log)
         previous = copy.deepcopy(self.state)
-        for layer, problem, delta in pending:
-            self.state[layer] = problem.state
-            if hasattr(self.solver, "update_state"):
-                self.solver.update_state(self.state[layer], problem, delta)
+        try:
+            for layer, problem, delta in pending:
+                self.state[layer] = problem.state
+                if hasattr(self.solver, "update_state"):
+                    self.solver.update_state(self.state[layer], problem, delta)
+        except BaseException:  # Ctrl-C too: weights and solver state go back together
+            self.state = previous
+            edit.undo()
+            raise
         edit._on_undo = lambda: setattr(self, "state", previous)
         edit.record["timings"]["total"] = time.perf_counter() - t_start
         return edit
@@ -369,8 +375,10 @@ class Editor:
                 pending.append((layer, problem, delta))
                 if self.diagnostics:
                     diag.append(self._diagnose(prep, targets, layer, keys[layer], hidden, delta, h_final_before))
-        except Exception as e:
+        except BaseException as e:  # Ctrl-C too: restore every touched layer, then re-raise as is
             edit.undo()
+            if not isinstance(e, Exception):
+                raise
             if isinstance(e, EditFailed):
                 raise EditFailed(f"{e}; every touched layer was restored") from e
             raise EditFailed(f"editing failed at layer {layer} ({type(e).__name__}: {e}); "

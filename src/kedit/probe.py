@@ -38,6 +38,14 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int = 8) -> list[str]
     return [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
 
 
+def did_not_take(before: list[float], after: list[float]) -> list[int]:
+    """Indices of requests whose P(target_new) did not rise with the edit (``after <= before``).
+
+    The CLI warns about these: an edit that ran without error but changed nothing the user asked for.
+    """
+    return [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if not a > b]
+
+
 def starts_with_target(continuation: str, target: str) -> bool:
     """Whether a continuation begins with ``target`` (leading whitespace and case ignored)."""
     return continuation.strip().lower().startswith(target.strip().lower())

@@ -23,7 +23,7 @@ import torch
 
 from kedit.arch import ArchitectureAdapter
 from kedit.corpus import batches, open_corpus, pack_rows, sampled_corpus
-from kedit.errors import StatsCacheError
+from kedit.errors import StatsCacheError, warn_cache_unwritable
 from kedit.hooks import Trace
 
 STATS_VERSION = 1
@@ -130,8 +130,11 @@ def second_moments(model, tok, layers: Iterable[int], spec: StatsSpec = StatsSpe
         for layer in missing:
             out[layer] = (sums[layer] / n).cpu()  # [f, f]
             path = cache_path(keys[layer])
-            save_stats(path, keys[layer], out[layer], {"tokens_used": n, "seconds": seconds,
-                                                       "corpus_path": str(corpus.path)})
+            try:
+                save_stats(path, keys[layer], out[layer], {"tokens_used": n, "seconds": seconds,
+                                                           "corpus_path": str(corpus.path)})
+            except OSError as e:  # read-only KEDIT_HOME: keep the finished work in memory
+                warn_cache_unwritable("statistics", path, e)
             info[layer] = StatsInfo(path, False, n, seconds)
     return {layer: out[layer] for layer in layers}
 

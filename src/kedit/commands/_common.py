@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kedit.errors import UsageError
+from kedit.errors import NotWritable, UsageError
 from kedit.requests import EditRequest
 
 # -- help ---------------------------------------------------------------------------------------------
@@ -308,20 +308,20 @@ def check_writable(path: Path, kind: str, flag: str) -> None:
     path = path.expanduser()
     if path.exists():
         if kind == "file" and path.is_dir():
-            raise UsageError(f"{flag} {path}: is a directory; give a file path")
+            raise NotWritable(f"{flag} {path}: is a directory; give a file path")
         if kind == "dir" and not path.is_dir():
-            raise UsageError(f"{flag} {path}: exists and is not a directory")
+            raise NotWritable(f"{flag} {path}: exists and is not a directory")
         if not os.access(path, os.W_OK):
-            raise UsageError(f"{flag} {path}: not writable")
+            raise NotWritable(f"{flag} {path}: not writable")
     # the nearest existing ancestor must be a writable directory: missing folders get created there, and
     # atomic writes put their temp file beside the target (so an existing file's folder must be writable too)
     parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise UsageError(f"{flag} {path}: {parent} is a file, not a directory")
+        raise NotWritable(f"{flag} {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: directory {parent} is not writable; choose another path")
+        raise NotWritable(f"{flag} {path}: directory {parent} is not writable; choose another path")
 
 
 def solver_hparams(args: argparse.Namespace) -> dict[str, Any]:

@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from kedit.errors import UsageError
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Run directories, plot path, --json."""
@@ -25,15 +23,7 @@ def run(args: argparse.Namespace) -> int:
     """Print post-edit means side by side (and eval throughput), write the comparison PNG."""
     from kedit.eval.report import load_summary, metric_keys, plot_compare
 
-    runs = []
-    for r in args.runs:
-        try:
-            s = load_summary(r)
-        except ValueError as e:  # corrupt JSON: name the run (missing files name themselves: FileNotFoundError)
-            raise UsageError(f"{r}: not a readable eval summary ({e})") from None
-        if not isinstance(s, dict):
-            raise UsageError(f"{r}: not an eval summary (a JSON {type(s).__name__}, expected an object)")
-        runs.append((_name(r, s), s))
+    runs = [(_name(r, s), s) for r, s in ((r, load_summary(r)) for r in args.runs)]  # errors name the file
     keys = []
     for _, s in runs:
         keys += [k for k in metric_keys(s) if k not in keys]
