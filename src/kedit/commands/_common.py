@@ -222,7 +222,7 @@ def validate(args: argparse.Namespace) -> None:
 
     home = kedit_home()
     if home.exists() and not home.is_dir():  # else every cache write fails, after the work
-        raise UsageError(f"KEDIT_HOME {home} is a file, not a directory; point KEDIT_HOME at a folder")
+        raise NotWritable(f"KEDIT_HOME {home} is a file, not a directory; point KEDIT_HOME at a folder")
     if getattr(args, "device", None):
         check_device(args.device)
     if getattr(args, "device_map", None):
