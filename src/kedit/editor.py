@@ -23,9 +23,10 @@ from kedit.errors import EditFailed, KeditError
 from kedit.hooks import Trace
 from kedit.models import model_fingerprint
 from kedit.optimize import AnchorConfig, AnchorProblem, Anchors, optimize_anchors
+from kedit.progress import bar
 from kedit.requests import EditRequest, check_batch
-from kedit.solvers import LayerProblem, make_solver
-from kedit.targets import make_targets
+from kedit.solvers import LayerProblem, make_solver, resolve_defaults, with_hparams
+from kedit.targets import make_targets, preferred_hparams
 from kedit.templates import context_templates
 from kedit.tokens import check_limits, encode_with_subject, pad_id, pad_right, target_ids, teacher_forced
 
@@ -43,25 +44,6 @@ def default_layers(n_layers: int, multi_layer: bool) -> list[int]:
         return [start]
     width = max(1, min(5, round(n_layers / 6)))
     return list(range(start, min(n_layers, start + width)))
-
-
-def default_solver_hparams(method: str, targets: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The user's solver hyperparameters, plus a preservation weight ``lam`` suited to the targets.
-
-    Backward spreading hands layer j only ``1/(L-j+1)`` of the residual, so at equal ``lam`` it
-    pushes far less than forward replay or one-layer editing, which give every layer its full residual.
-    Measured on SmolLM2 (10 counterfactuals, layers 4-8): backward needs lam <= 6000 for 9/10 edits
-    to take, forward replay <= 15000 (the MEMIT papers' value), hence 5000 and 15000.
-    """
-    from kedit.solvers import SOLVERS
-
-    lam = 5000.0 if targets == "backward" else 15000.0
-    fields = getattr(SOLVERS.get(method), "__dataclass_fields__", {})
-    if "lam" in fields and "lam" not in given:
-        return {**given, "lam": lam}
-    if "base" in fields and "base" not in given:  # PRUNE / RECT post-process MEMIT: same preservation weight
-        return {**given, "base": {"name": "memit", "lam": lam}}
-    return dict(given)
 
 
 def default_anchor_config(model, multi_layer: bool, **overrides: Any) -> AnchorConfig:
@@ -132,8 +114,11 @@ class Editor:
     ``{layer: C [f, f]}`` mapping; ``anchor``: AnchorConfig overrides (dict) or an AnchorConfig;
     ``diagnostics``: record per edited layer the remaining residual ratio at the last layer, the cosine
     between its own and its induced output change, and its update norm (one extra bare-prompt pass per
-    layer); other keyword arguments are the solver's hyperparameters. Sequential calls to ``apply`` carry
-    the solver state (e.g. MEMIT's ``C_cache``); ``reset()`` forgets it.
+    layer); other keyword arguments are the solver's hyperparameters, for a name or an object alike (applied
+    with ``dataclasses.replace``, unknown names rejected); a preservation weight ``lam`` left at its default
+    takes the target construction's preferred value (``kedit.solvers.resolve_defaults``), recorded in
+    ``config()["solver"]``. Sequential calls to ``apply`` carry the solver state (e.g. MEMIT's ``C_cache``);
+    ``reset()`` forgets it.
 
     ``anchor_cache``: a dict shared by several editors (e.g. one per solver) so that anchors already
     optimised for the same weights, requests, layer, templates and anchor settings are reused: the
@@ -147,10 +132,9 @@ class Editor:
         self.model, self.tok = model, tok
         self.adapter = ArchitectureAdapter.from_model(model)
         self.builder = make_targets(targets) if isinstance(targets, str) else targets
-        if isinstance(method, str):
-            self.solver = make_solver(method, **default_solver_hparams(method, self.builder.name, hparams))
-        else:
-            self.solver = method
+        # names and objects alike: hparams applied (checked), then the target construction's preferred lam
+        solver = make_solver(method, **hparams) if isinstance(method, str) else with_hparams(method, **hparams)
+        self.solver = resolve_defaults(solver, preferred_hparams(self.builder))
         multi = getattr(self.solver, "multi_layer", True)
         self.layers = sorted(self.adapter.check_layer(int(x)) for x in (layers or default_layers(
             self.adapter.n_layers, multi)))
@@ -286,8 +270,14 @@ class Editor:
                         log.setdefault("anchors", []).append({"layer": layer, "reused": True})
                         return cache[key]
                 editor._log(f"optimising {prep.n} anchors at layer {layer}")
-                a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
-                                     pad_id(editor.tok))
+                steps = editor.anchor_cfg.steps
+                with bar(len(prep.chunks) * steps, f"anchors L{layer}", "step", editor.verbose) as pb:
+                    def on_step(chunk: int, step: int, converged: int) -> None:
+                        pb.n = chunk * steps + step
+                        pb.set_postfix_str(f"converged {converged}/{prep.chunks[chunk].n}", refresh=True)
+
+                    a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
+                                         pad_id(editor.tok), on_step=on_step)
                 if key is not None:
                     cache[key] = a
                 log.setdefault("anchors", []).append({
@@ -370,7 +360,8 @@ class Editor:
         layer = targets.edit_layers[0]
         try:
             h_final_before = None
-            for j, layer in enumerate(targets.edit_layers):
+            for j, layer in enumerate(bar(desc="keys+solve", unit="layer", enabled=self.verbose and len(
+                    targets.edit_layers) > 1, iterable=targets.edit_layers)):
                 keys, hidden = self._read(prep, [layer], sorted({layer, final}))
                 if self.diagnostics and h_final_before is None:
                     h_final_before = hidden[final]

@@ -72,3 +72,7 @@ def warn_cache_unwritable(what: str, path: object, err: BaseException) -> None:
     warnings.warn(f"cannot write the {what} cache at {path} ({type(err).__name__}: {err}); "
                   "using the result in memory for this run (set KEDIT_HOME to a writable directory to keep it)",
                   CacheNotWritable, stacklevel=3)
+
+
+class UsageError(KeditError, ValueError):
+    """A command-line flag or flag combination is invalid; the message names the flag and what to do."""

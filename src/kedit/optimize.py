@@ -19,6 +19,7 @@ caches).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,12 +187,17 @@ def _adam(delta, grad, m, v, step, lr, b1=0.9, b2=0.999, eps=1e-8):
 
 
 def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorProblem], layer: int,
-                     cfg: AnchorConfig, pad: int, progress=None) -> Anchors:
-    """Optimise one delta per request at ``layer``; ``chunks`` are consecutive groups of requests."""
+                     cfg: AnchorConfig, pad: int, progress=None,
+                     on_step: Callable[[int, int, int], None] | None = None) -> Anchors:
+    """Optimise one delta per request at ``layer``; ``chunks`` are consecutive groups of requests.
+
+    ``on_step(chunk_index, step, converged)``: called after every optimisation step (progress display).
+    """
     start = time.perf_counter()
     parts = []
-    for chunk in chunks:
-        parts.append(_optimize_chunk(model, adapter, chunk, layer, cfg, pad))
+    for c, chunk in enumerate(chunks):
+        step_cb = None if on_step is None else (lambda it, done, c=c: on_step(c, it, done))
+        parts.append(_optimize_chunk(model, adapter, chunk, layer, cfg, pad, step_cb))
         if progress is not None:
             progress.update(chunk.n)
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
@@ -214,7 +220,7 @@ def _subset_rows(obj: Any, keep: torch.Tensor, batch: int) -> Any:
 
 
 def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer: int, cfg: AnchorConfig,
-                    pad: int) -> Anchors:
+                    pad: int, on_step: Callable[[int, int], None] | None = None) -> Anchors:
     device = next(model.parameters()).device
     n, d = p.n, adapter.d_model
     lay = _layout(p, pad)
@@ -301,6 +307,8 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
         tokens = ids.shape[0] * (ids.shape[1] - P if replay is not None else ids.shape[1])
         flops += 4 * tokens * n_params_above + 4 * (len(tok_row) + len(kl_rows)) * head
         active &= nll.detach() >= cfg.early_stop_nll
+        if on_step is not None:
+            on_step(it + 1, n - int(active.sum()))
         if not bool(active.any()) or it == cfg.steps - 1:
             break
         (loss_each * active).sum().backward()

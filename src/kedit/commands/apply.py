@@ -12,8 +12,8 @@ from kedit.edit import Edit
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("patch", help="a .safetensors patch written by `kedit edit --save`")
-    p.add_argument("--force", action="store_true", help="apply even if the base weights differ")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--force", action="store_true", help="apply even if the base weights differ (default: refuse)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (default: a table)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ their state lives in the editor session, never in a module global.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,6 +65,21 @@ def cache_keys(state: dict[str, Any], K: torch.Tensor) -> None:
     state["C_cache"] = state["C_cache"] + KKt if "C_cache" in state else KKt
 
 
+class Preferred(float):
+    """A hyperparameter default that defers to the target construction (see ``resolve_defaults``).
+
+    It computes and compares as its float value, the solver's own default when called directly; the
+    editor replaces it by the target construction's preferred value. A plain float set by the user is kept.
+    """
+
+    def __repr__(self) -> str:
+        return f"Preferred({float(self)!r})"
+
+
+# Preservation weight of MEMIT-style solvers unless the target construction prefers another (the papers' value)
+PREFERRED_LAM = Preferred(15000.0)
+
+
 from kedit.solvers.alphaedit import AlphaEdit  # noqa: E402
 from kedit.solvers.emmet import EMMET  # noqa: E402
 from kedit.solvers.memit import MEMIT  # noqa: E402
@@ -93,8 +110,47 @@ def make_solver(name: str, **hparams: Any) -> Solver:
     if name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; available: {sorted(SOLVERS)}")
     cls = SOLVERS[name]
-    valid = set(cls.__dataclass_fields__) - {"name"}
+    _check_hparams(cls, name, hparams)
+    return cls(**hparams)
+
+
+def hparam_names(solver: Any) -> list[str]:
+    """Hyperparameter names of a solver class or object (its dataclass fields), sorted."""
+    return sorted(f.name for f in dataclasses.fields(solver)) if dataclasses.is_dataclass(solver) else []
+
+
+def _check_hparams(solver: Any, name: str, hparams: Mapping[str, Any]) -> None:
+    valid = set(hparam_names(solver))
     bad = set(hparams) - valid
     if bad:
         raise ValueError(f"unknown hyperparameter(s) {sorted(bad)} for solver {name!r}; valid: {sorted(valid)}")
-    return cls(**hparams)
+
+
+def with_hparams(solver: Any, **hparams: Any) -> Any:
+    """A copy of the solver object with ``hparams`` replaced (``dataclasses.replace``), names checked."""
+    if not hparams:
+        return solver
+    name = getattr(solver, "name", type(solver).__name__)
+    if not dataclasses.is_dataclass(solver):
+        raise ValueError(f"solver {name!r} is not a dataclass: set its hyperparameters when constructing it")
+    _check_hparams(solver, name, hparams)
+    return dataclasses.replace(solver, **hparams)
+
+
+def resolve_defaults(solver: Any, preferred: Mapping[str, float]) -> Any:
+    """THE preservation-weight policy: every ``Preferred`` default (nested ``base`` solvers too) takes the
+    value in ``preferred`` (the target construction's, ``kedit.targets.preferred_hparams``) or, if absent,
+    its own; values the user set are kept. Names and objects go through here alike (kedit.editor.Editor).
+    """
+    if not dataclasses.is_dataclass(solver) or isinstance(solver, type):
+        return solver
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(solver):
+        value = getattr(solver, f.name)
+        if isinstance(value, Preferred):
+            changes[f.name] = float(preferred.get(f.name, value))
+        elif callable(getattr(value, "solve", None)):  # a base solver (PRUNE / RECT)
+            resolved = resolve_defaults(value, preferred)
+            if resolved is not value:
+                changes[f.name] = resolved
+    return dataclasses.replace(solver, **changes) if changes else solver

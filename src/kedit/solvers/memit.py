@@ -12,14 +12,14 @@ from typing import ClassVar
 
 import torch
 
-from kedit.solvers import Delta, LayerProblem, cache_keys
+from kedit.solvers import PREFERRED_LAM, Delta, LayerProblem, cache_keys
 
 
 @dataclass(frozen=True)
 class MEMIT:
     name: ClassVar[str] = "memit"
     multi_layer: ClassVar[bool] = True
-    lam: float = 15000.0        # mom2_update_weight: weight of the preserved keys' second moment
+    lam: float = PREFERRED_LAM  # mom2_update_weight: weight of the preserved keys' second moment (default: targets')
     sequential_cache: bool = True  # keep C_cache = sum K K^T of earlier batches (sequential editing)
 
     def __post_init__(self) -> None:
