@@ -21,6 +21,7 @@ COMMANDS = {
     "eval": "Evaluate an editing method on CounterFact / zsRE / kedit datasets.",
     "compare": "Compare evaluation runs side by side.",
     "layers": "Choose editing layers: LGA, brute force, causal tracing.",
+    "export": "Apply a patch and write the edited model as a plain sharded safetensors checkpoint.",
 }
 
 

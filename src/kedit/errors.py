@@ -27,3 +27,7 @@ class ModelNotFound(KeditError):
 
 class EditFailed(KeditError):
     """Applying an edit failed part-way; every touched weight has been restored."""
+
+
+class ExportError(KeditError):
+    """An edited checkpoint cannot be written: the destination (named) exists, is unwritable or too small."""
