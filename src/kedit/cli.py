@@ -22,6 +22,7 @@ COMMANDS = {
     "compare": "Compare evaluation runs side by side.",
     "layers": "Choose editing layers: LGA, brute force, causal tracing.",
     "export": "Apply a patch and write the edited model as a plain sharded safetensors checkpoint.",
+    "plan": "Print the peak memory of each phase of an edit from the model's config (nothing loaded).",
 }
 
 
