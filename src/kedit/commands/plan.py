@@ -16,7 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default=None, help="e.g. 4-8 or 4,5,6 (default: from depth, as `kedit edit`)")
     p.add_argument("--requests", type=int, default=1, help="requests edited in one batch")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--tokens", type=int, default=None, help="statistics batch tokens (StatsSpec.batch_tokens)")
+    p.add_argument("--tokens", type=int, default=None, help="statistics token budget (streamed: recorded only, "
+                   "memory does not grow with it)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="tokens per statistics forward pass "
+                   "(StatsSpec.batch_tokens)")
     p.add_argument("--memory", type=float, default=None, help="GiB available: say whether the plan fits")
     p.add_argument("--json", action="store_true")
 
@@ -24,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     source = args.shape or args.model
     result = plan(model_shape(load_config(source), name=source), args.method, parse_layers(args.layers),
-                  args.requests, args.dtype, batch_tokens=args.tokens)
+                  args.requests, args.dtype, batch_tokens=args.batch_tokens)
+    result.assumptions["stats_tokens"] = args.tokens
     fits = None if args.memory is None else result.peak <= args.memory * GIB
     if args.json:
         print(json.dumps({**result.to_dict(), "fits": fits}, indent=1))
