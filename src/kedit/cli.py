@@ -28,6 +28,8 @@ COMMANDS = {
     "compare": "Compare evaluation runs side by side.",
     "layers": "Choose editing layers: LGA, brute force, causal tracing.",
     "cache": "List or clear kedit's caches (statistics, templates, corpus, models) and their sizes.",
+    "export": "Apply a patch and write the edited model as a plain sharded safetensors checkpoint.",
+    "plan": "Print the peak memory of each phase of an edit from the model's config (nothing loaded).",
 }
 
 

@@ -354,3 +354,9 @@ class Edit:
         r = self.record
         return (f"Edit({len(self.requests)} requests, method={r.get('method')}, targets={r.get('targets')}, "
                 f"layers={self.layers}, applied={self.is_applied})")
+
+    def export(self, model, out_dir: str | Path, tokenizer=None, **kwargs: Any) -> Path:
+        """Write ``model`` with this edit as a plain HF checkpoint in ``out_dir`` (kedit.export.export_edit)."""
+        from kedit.export import export_edit
+
+        return export_edit(self, model, out_dir, tokenizer, **kwargs)

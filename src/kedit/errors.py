@@ -76,3 +76,7 @@ def warn_cache_unwritable(what: str, path: object, err: BaseException) -> None:
 
 class UsageError(KeditError, ValueError):
     """A command-line flag or flag combination is invalid; the message names the flag and what to do."""
+
+
+class ExportError(KeditError):
+    """An edited checkpoint cannot be written: the destination (named) exists, is unwritable or too small."""
