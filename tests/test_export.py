@@ -8,7 +8,7 @@ from conftest import make_tiny, make_tiny_tok
 
 from kedit.arch import ArchitectureAdapter
 from kedit.cli import main
-from kedit.edit import Edit
+from kedit.edit import FORMAT, Edit
 from kedit.editor import Editor
 from kedit.errors import ExportError
 from kedit.export import RECORD_FILE, check_destination, clean_config, saveable
@@ -79,7 +79,7 @@ def test_export_of_a_loaded_patch_applies_then_undoes(tiny_tok, tmp_path):
     assert len(shards) > 2 and (out / "model.safetensors.index.json").is_file()
     torch.testing.assert_close(_logits(_load_plain(out)), edited, rtol=0, atol=0)
     rec = json.loads((out / RECORD_FILE).read_text())
-    assert rec["format"] == "kedit-edit/1" and rec["kedit_version"] and rec["layers"] == [1, 2]
+    assert rec["format"] == FORMAT and rec["kedit_version"] and rec["layers"] == [1, 2]
     assert [r["subject"] for r in rec["requests"]] == ["France", "Michael Jordan"]
     assert set(rec["base_digests"]) == {"1", "2"} and rec["record"]["method"] == "memit"
     from transformers import AutoTokenizer

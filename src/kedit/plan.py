@@ -261,17 +261,3 @@ def plan(shape: Shape, method: str = "memit", layers: list[int] | None = None, r
                              "templates": templates, "width": width, "suffix": suffix,
                              "target_tokens": target_tokens, "sequential_state": sequential,
                              "activations": "estimates (see kedit.plan); weights and fp64 matrices exact"})
-
-
-def parse_layers(text: str | None) -> list[int] | None:
-    """``"4-8"`` / ``"4,5,6"`` / ``"3,5-7"`` -> sorted layers; None stays None. Raises KeditError."""
-    if not text:
-        return None
-    out: set[int] = set()
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            out.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise KeditError(f"bad --layers {text!r}: use e.g. 4-8 or 4,5,6") from None
-    return sorted(out)

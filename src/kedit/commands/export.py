@@ -15,16 +15,16 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     """``--max-shard-size`` and ``--overwrite`` (shared with ``kedit apply --export``)."""
     p.add_argument("--max-shard-size", default=DEFAULT_SHARD, help="largest safetensors shard, e.g. 2GB, 500MB "
                    f"(default {DEFAULT_SHARD})")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory (default: refuse)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("patch", help="a .safetensors patch written by `kedit edit --save`")
     p.add_argument("--out", required=True, help="output directory (created; loads with from_pretrained)")
-    p.add_argument("--force", action="store_true", help="apply even if the base weights differ")
+    p.add_argument("--force", action="store_true", help="apply even if the base weights differ (default: refuse)")
     add_export_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (default: a summary line)")
 
 
 def run(args: argparse.Namespace) -> int:
