@@ -15,7 +15,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     """``--max-shard-size`` and ``--overwrite`` (shared with ``kedit apply --export``)."""
     p.add_argument("--max-shard-size", default=DEFAULT_SHARD, help="largest safetensors shard, e.g. 2GB, 500MB "
                    f"(default {DEFAULT_SHARD})")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory (default: refuse)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty output directory (default: refuse)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
