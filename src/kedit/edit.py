@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kedit.arch import ArchitectureAdapter
+from kedit.arch import ArchitectureAdapter, WeightSnapshot
 from kedit.errors import EditFailed, KeditError
 from kedit.models import tensor_digest
 from kedit.requests import EditRequest, request_from_record
@@ -38,7 +38,9 @@ class Edit:
         self.deltas: dict[int, Delta] = {}
         self.base_digests: dict[int, str] = {}
         self._adapter: ArchitectureAdapter | None = None
-        self._originals: dict[int, torch.Tensor] = {}
+        # one W_out copy per edited layer, in the weight's own dtype (e.g. 2 bytes/entry in bf16): what
+        # undo() needs to restore bit for bit, whatever rounding the write did
+        self._originals: dict[int, WeightSnapshot] = {}
         self._on_undo: Callable[[], None] | None = None
         # in memory only (not saved): what the editor solved, for diagnostics and tests
         self.problems: dict[int, Any] = {}
@@ -54,23 +56,32 @@ class Edit:
 
     # -- writing weights -------------------------------------------------------------------------
     def _write(self, adapter: ArchitectureAdapter, layer: int, delta: Delta) -> None:
-        """Add ``delta`` to W_out(layer), keeping the original for undo. Same arithmetic everywhere."""
-        w = adapter.w_out(layer)
-        self._originals[layer] = w.detach().clone()
-        adapter.add_to_w_out(layer, delta.dense().to(torch.float64).to(w.dtype))
+        """Add ``delta`` to W_out(layer), keeping the original for undo. Same arithmetic everywhere.
+
+        The dense update is formed in fp64 and the adapter adds it in fp32 (fp64 weights: fp64), rounding
+        once to the weight's dtype, into the tensor the forward pass uses (offloaded weights included).
+        """
+        self._originals[layer] = adapter.snapshot_w_out(layer)
+        adapter.add_to_w_out(layer, delta.dense().to(torch.float64))
 
     def add_layer(self, adapter: ArchitectureAdapter, layer: int, delta: Delta) -> None:
         """Editor use: record and apply one layer's delta (the edit becomes bound to the model)."""
         if not delta.is_finite():
             raise EditFailed(f"the solver produced a non-finite (NaN/inf) update for layer {layer}")
         self._adapter = adapter
-        self.base_digests[layer] = tensor_digest(adapter.w_out(layer))
+        self.base_digests[layer] = tensor_digest(adapter.w_out_storage(layer))
         self.deltas[layer] = Delta(**{k: v.detach().cpu() for k, v in
                                       {"U": delta.U, "V": delta.V, "dense_": delta.dense_}.items() if v is not None})
         self._write(adapter, layer, delta)
 
     def apply(self, model, force: bool = False) -> Edit:
-        """Apply to ``model`` (all or nothing). Raises EditFailed if a weight differs from the base."""
+        """Apply to ``model`` (all or nothing). Raises EditFailed if a weight differs from the base.
+
+        Dtypes: a patch made on a bf16 model is refused on an fp32 (or fp16...) copy of it, because the
+        base digests are exact bytes of the weights it was made on; the message names both dtypes.
+        ``force=True`` applies it anyway: the stored (fp64) deltas are added to the weights in their
+        own dtype, so the result is the edit up to that dtype's rounding.
+        """
         if self.is_applied:
             raise KeditError("this edit is already applied; undo() it first")
         adapter = ArchitectureAdapter.from_model(model, probe=False)
@@ -80,11 +91,8 @@ class Edit:
             if (delta.U is not None and (delta.U.shape[0], delta.V.shape[0]) != (adapter.d_model, adapter.d_ff)) or \
                (delta.dense_ is not None and tuple(delta.dense_.shape) != (adapter.d_model, adapter.d_ff)):
                 raise EditFailed(f"layer {layer}: delta shape does not match W_out [{adapter.d_model}, {adapter.d_ff}]")
-            if not force and tensor_digest(adapter.w_out(layer)) != self.base_digests[layer]:
-                raise EditFailed(
-                    f"layer {layer}: the model's W_out differs from the weights this edit was made on "
-                    "(another model, or already edited); pass force=True to apply anyway"
-                )
+            if not force and tensor_digest(adapter.w_out_storage(layer)) != self.base_digests[layer]:
+                raise EditFailed(f"layer {layer}: {self._mismatch(adapter, layer)}; pass force=True to apply anyway")
         try:
             self._adapter = adapter
             for layer in self.layers:
@@ -94,13 +102,23 @@ class Edit:
             raise EditFailed(f"applying the edit failed ({e}); all layers restored") from e
         return self
 
+    def _mismatch(self, adapter: ArchitectureAdapter, layer: int) -> str:
+        """Why the base digest of ``layer`` differs: another dtype (said plainly), else other weights."""
+        made_on = self.record.get("dtype")
+        now = str(adapter.w_out_storage(layer).dtype)
+        if made_on and made_on != now:
+            return (f"this edit was made on a {made_on} model but the model's W_out is {now}; base digests are "
+                    f"exact bytes, so load the model with dtype={made_on.removeprefix('torch.')!r}")
+        return ("the model's W_out differs from the weights this edit was made on "
+                "(another model, or already edited)")
+
     def undo(self) -> None:
         """Restore every touched weight bit for bit (no-op if not applied)."""
         if self._adapter is None:
             return
         with torch.no_grad():
             for layer, original in self._originals.items():
-                self._adapter.w_out(layer).copy_(original)
+                self._adapter.restore_w_out(layer, original)
         self._originals.clear()
         self._adapter = None
         if self._on_undo is not None:

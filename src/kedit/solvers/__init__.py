@@ -4,6 +4,11 @@ A solver never knows how its targets were built (METHODS §5-6). Each is a froze
 hyperparameters with ``name`` and ``solve(problem) -> Delta``; stateful solvers (sequential
 editing) also implement ``init_state(problem)`` and ``update_state(state, problem, delta)``, and
 their state lives in the editor session, never in a module global.
+
+Precision and placement: a solve runs where its LayerProblem's tensors are (the editor puts them on
+the edited layer's device) in ``work_dtype`` of that device: fp64 on CPU and CUDA; fp32 on devices
+without fp64 (Apple MPS), where ``solve`` adds one step of iterative refinement
+(``X += A^-1 (B - A X)``), checked against the fp64 CPU result in tests/test_scale.py.
 """
 
 from __future__ import annotations
@@ -14,12 +19,34 @@ from typing import Any, Protocol
 import torch
 
 
+def work_dtype(device: torch.device | str) -> torch.dtype:
+    """Precision of closed-form solves on ``device``: fp64 where it exists (CPU, CUDA), else fp32 (MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def work(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the solve precision of its own device (no copy when it already is)."""
+    return x.to(work_dtype(x.device))
+
+
+def solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A^-1 B`` for ``A [f, f]``, ``B [f, n]``; in fp32 refined once: ``X += A^-1 (B - A X)``.
+
+    One refinement step brings an fp32 solve's residual down to about fp32 round-off of ``A X``, which
+    is what fp64 gives for the conditioning of these (ridge-regularised) systems.
+    """
+    X = torch.linalg.solve(A, B)
+    if A.dtype == torch.float32:
+        X = X + torch.linalg.solve(A, B - A @ X)
+    return X
+
+
 @dataclass
 class LayerProblem:
     layer: int
-    K: torch.Tensor   # [f, n] float64: template-averaged keys (W_out inputs at decisive tokens)
-    R: torch.Tensor   # [d, n] float64: wanted change of the layer output at the decisive tokens
-    C: torch.Tensor   # [f, f] float64: second moment E[k k^T] of background keys
+    K: torch.Tensor   # [f, n] work dtype: template-averaged keys (W_out inputs at decisive tokens)
+    R: torch.Tensor   # [d, n] work dtype: wanted change of the layer output at the decisive tokens
+    C: torch.Tensor   # [f, f] work dtype: second moment E[k k^T] of background keys
     W: torch.Tensor   # [d, f] current weight (read only, canonical layout)
     state: dict[str, Any] = field(default_factory=dict)  # per-layer solver state of the editor session
 
@@ -59,7 +86,7 @@ class Solver(Protocol):
 
 def cache_keys(state: dict[str, Any], K: torch.Tensor) -> None:
     """Sequential editing: add ``K K^T`` of applied requests to ``state['C_cache']`` ([f, f])."""
-    KKt = K @ K.T
+    KKt = K @ K.T  # [f, f] on K's device
     state["C_cache"] = state["C_cache"] + KKt if "C_cache" in state else KKt
 
 

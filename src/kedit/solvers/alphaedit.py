@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from kedit.solvers import Delta, LayerProblem, cache_keys
+from kedit.solvers import Delta, LayerProblem, cache_keys, solve, work
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class AlphaEdit:
     def projector(self, p: LayerProblem) -> torch.Tensor:
         """``P`` [f, f] float64 onto the span of C's small-eigenvalue eigenvectors, cached in ``p.state['P']``."""
         if "P" not in p.state:
-            evals, evecs = torch.linalg.eigh(p.C.double())  # ascending; [f], [f, f]
+            evals, evecs = torch.linalg.eigh(work(p.C))  # ascending; [f], [f, f]
             cut = self.threshold * evals[-1].clamp(min=0) if self.relative else self.threshold
             U = evecs[:, evals < cut]  # [f, m]
             if U.shape[1] == 0:
@@ -56,17 +56,17 @@ class AlphaEdit:
         return p.state["P"]
 
     def solve(self, p: LayerProblem) -> Delta:
-        K, R = p.K.double(), p.R.double()  # [f, n], [d, n]
+        K, R = work(p.K), work(p.R)  # [f, n], [d, n]
         P = self.projector(p).to(K.device)  # [f, f]
         A = K @ K.T  # [f, f]
         if "C_cache" in p.state:
             A = A + p.state["C_cache"]
         M = P @ A + self.L2 * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)  # [f, f], not symmetric
-        X = torch.linalg.solve(M, P @ K)  # [f, n]: Delta^T = X R^T
+        X = solve(M, P @ K)  # [f, n]: Delta^T = X R^T
         return Delta(U=R, V=X)
 
     def update_state(self, state: dict, p: LayerProblem, delta: Delta) -> None:
         # The paper adds K K^T of the batch after all layers are edited (keys recomputed on the edited
         # model); here the keys the solve used are cached, as for MEMIT.
         if self.sequential_cache:
-            cache_keys(state, p.K.double())
+            cache_keys(state, work(p.K))
