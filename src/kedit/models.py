@@ -240,7 +240,7 @@ def _load(name_or_path: str, dtype: torch.dtype | str | None, device: str | None
           kw: dict[str, Any]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok_kw = {"trust_remote_code": kw.get("trust_remote_code", False)}
+    tok_kw = {k: kw[k] for k in ("trust_remote_code", "cache_dir", "token", "proxies") if k in kw}
     if name_or_path in EMBEDDED:
         path = ensure_embedded(name_or_path)  # a float32 safetensors conversion: keep fp32 unless asked
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kw)
@@ -283,7 +283,7 @@ def _load_hub(name: str, dtype, device: str | None, revision: str | None, kw: di
         try:
             model = AutoModelForCausalLM.from_pretrained(name, **args)
             tok = AutoTokenizer.from_pretrained(name, revision=revision, **tok_kw)
-            return _finish(model, tok, device, name, getattr(model.config, "_commit_hash", None) or revision)
+            return _finish(model, tok, device, name, _hub_commit(name, revision, kw))
         except OSError as e:  # unreachable hub, unknown repo or revision: the local cache is the last resort
             why = f"the hub is unreachable or refused it ({str(e).splitlines()[0][:160]})"
     try:
@@ -296,7 +296,18 @@ def _load_hub(name: str, dtype, device: str | None, revision: str | None, kw: di
             f"not in the local HF cache; cached hub ids: {cached or 'none'}"
         ) from None
     print(f"[kedit] {why}: loaded {name} from the local HF cache", file=sys.stderr, flush=True)
-    return _finish(model, tok, device, name, getattr(model.config, "_commit_hash", None) or revision)
+    return _finish(model, tok, device, name, _hub_commit(name, revision, kw))
+
+
+def _hub_commit(name: str, revision: str | None, kw: dict) -> str | None:
+    """The commit hash the cached snapshot of ``name`` at ``revision`` resolves to (for records)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=kw.get("cache_dir"),
+                                      local_files_only=True)).name
+    except Exception:  # records only: a cache layout we cannot read leaves the requested revision
+        return revision
 
 
 def _file_digest(path: Path, limit: int = 1 << 24) -> str:

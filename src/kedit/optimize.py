@@ -192,7 +192,8 @@ def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorPro
         parts.append(_optimize_chunk(model, adapter, chunk, layer, cfg, pad))
         if progress is not None:
             progress.update(chunk.n)
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    # anchors are small ([n, d]) and meet CPU-side residuals in the targets: returned on CPU, fp32
+    cat = lambda name: torch.cat([getattr(p, name).cpu() for p in parts])  # noqa: E731
     return Anchors(layer, cat("z"), cat("h"), cat("delta"), cat("nll_start"), cat("nll_end"), cat("steps"),
                    time.perf_counter() - start, sum(p.flops for p in parts),
                    {"replay": all(p.extra["replay"] for p in parts)})

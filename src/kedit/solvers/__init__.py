@@ -32,8 +32,9 @@ def work(x: torch.Tensor) -> torch.Tensor:
 def solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``A^-1 B`` for ``A [f, f]``, ``B [f, n]``; in fp32 refined once: ``X += A^-1 (B - A X)``.
 
-    One refinement step brings an fp32 solve's residual down to about fp32 round-off of ``A X``, which
-    is what fp64 gives for the conditioning of these (ridge-regularised) systems.
+    One step of fixed-precision refinement makes the fp32 solve backward stable (residual at fp32
+    round-off of ``A X``); its forward error stays about ``cond(A) * 6e-8``, small for these
+    ridge-regularised systems (tests: within 1e-4 of fp64 on the solvers' problems).
     """
     X = torch.linalg.solve(A, B)
     if A.dtype == torch.float32:
