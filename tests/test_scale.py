@@ -268,3 +268,58 @@ def test_tensor_digest_streams_the_same_bytes():
 
     whole = hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:20]
     assert tensor_digest(t) == whole == tensor_digest(t, chunk_bytes=100)
+
+
+# -- memory-bounded solver outputs and caches ------------------------------------------------------------
+def test_rect_delta_stays_factored_with_a_bit_mask(tmp_path):
+    from kedit.solvers import Rect, pack_mask, unpack_mask
+
+    m = torch.rand(5, 13) > 0.5
+    assert torch.equal(unpack_mask(pack_mask(m), m.shape), m)
+    p = _problem()
+    full = MEMIT(lam=10.0).solve(p).dense()
+    delta = Rect(base=MEMIT(lam=10.0), keep=0.6).solve(p)
+    assert delta.dense_ is None and delta.mask is not None and delta.mask.numel() == -(-full.numel() // 8)
+    kept = delta.dense() != 0
+    assert int(kept.sum()) == round(0.6 * full.numel())
+    assert torch.equal(delta.dense()[kept], full[kept])  # kept entries unchanged
+    assert full.abs()[kept].min() >= full.abs()[~kept].max()  # the largest ones
+
+
+def test_rect_patch_roundtrip_keeps_the_mask(tiny_tok, tmp_path):
+    model = make_tiny("llama", tiny_tok)
+    f = ArchitectureAdapter.from_model(model).d_ff
+    edit = Editor(model, tiny_tok, method="rect", targets="onelayer", layers=[2], stats=_stats(f, [2]), anchor=FAST,
+                  diagnostics=False).apply(REQS)
+    edited = _weights(model)
+    edit.undo()
+    loaded = Edit.load(edit.save(tmp_path / "rect.safetensors"))
+    assert loaded.deltas[2].mask is not None and loaded.deltas[2].dense_ is None
+    loaded.apply(model)
+    assert _same_bits(_weights(model), edited)
+
+
+def test_alphaedit_projector_is_cached_on_disk(monkeypatch):
+    p = _problem()
+    first = AlphaEdit().solve(p).dense()
+
+    def no_eigh(*a, **k):
+        raise AssertionError("eigh recomputed despite the disk cache")
+
+    monkeypatch.setattr(torch.linalg, "eigh", no_eigh)
+    again = AlphaEdit().solve(_problem()).dense()  # fresh state: the basis comes from disk
+    torch.testing.assert_close(again, first, rtol=1e-12, atol=1e-14)
+    with pytest.raises(AssertionError, match="eigh recomputed"):
+        AlphaEdit(threshold=0.02).solve(_problem())  # another threshold is another projector
+
+
+def test_records_name_dtype_devices_and_versions(tiny_tok):
+    import transformers
+
+    model = make_tiny("llama", tiny_tok).to(torch.bfloat16)
+    f = ArchitectureAdapter.from_model(model).d_ff
+    editor = Editor(model, tiny_tok, method="memit", targets="onelayer", layers=[2], stats=_stats(f, [2]),
+                    anchor=FAST, diagnostics=False)
+    cfg = editor.config()
+    assert cfg["dtype"] == "torch.bfloat16" and cfg["devices"] == {"cpu": 4} and cfg["device_map"] is None
+    assert cfg["transformers"] == transformers.__version__ and cfg["revision"] == "seed0"

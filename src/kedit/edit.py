@@ -70,8 +70,7 @@ class Edit:
             raise EditFailed(f"the solver produced a non-finite (NaN/inf) update for layer {layer}")
         self._adapter = adapter
         self.base_digests[layer] = tensor_digest(adapter.w_out_storage(layer))
-        self.deltas[layer] = Delta(**{k: v.detach().cpu() for k, v in
-                                      {"U": delta.U, "V": delta.V, "dense_": delta.dense_}.items() if v is not None})
+        self.deltas[layer] = delta.cpu()
         self._write(adapter, layer, delta)
 
     def apply(self, model, force: bool = False) -> Edit:

@@ -54,29 +54,64 @@ class LayerProblem:
 
 @dataclass
 class Delta:
-    """A weight change in canonical ``[d, f]`` layout: ``U @ V.T`` (low rank) or ``dense``."""
+    """A weight change in canonical ``[d, f]`` layout: ``U @ V.T`` (low rank), ``mask * (U @ V.T)`` or ``dense``.
+
+    ``mask`` (RECT) is a bit mask over the ``d * f`` entries, packed 8 per byte (row-major, LSB first), so
+    a sparsified update costs ``d f / 8`` bytes plus its factors instead of a dense fp64 ``[d, f]``.
+    """
 
     U: torch.Tensor | None = None   # [d, r]
     V: torch.Tensor | None = None   # [f, r]
     dense_: torch.Tensor | None = None  # [d, f]
+    mask: torch.Tensor | None = None  # [ceil(d f / 8)] uint8: entries of U V^T kept (with U, V only)
 
     def dense(self) -> torch.Tensor:
-        return self.dense_ if self.dense_ is not None else self.U @ self.V.T
+        if self.dense_ is not None:
+            return self.dense_
+        D = self.U @ self.V.T  # [d, f]
+        if self.mask is not None:
+            D = D * unpack_mask(self.mask, D.shape).to(D.dtype)
+        return D
 
     @property
     def rank(self) -> int | None:
-        return None if self.U is None else self.U.shape[1]
+        return None if self.U is None or self.mask is not None else self.U.shape[1]
 
     def is_finite(self) -> bool:
         parts = [self.dense_] if self.dense_ is not None else [self.U, self.V]
         return all(bool(torch.isfinite(p).all()) for p in parts)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"dense": self.dense_} if self.dense_ is not None else {"U": self.U, "V": self.V}
+        if self.dense_ is not None:
+            return {"dense": self.dense_}
+        return {"U": self.U, "V": self.V, **({"mask": self.mask} if self.mask is not None else {})}
+
+    def cpu(self) -> Delta:
+        """A detached CPU copy (what an Edit keeps and saves)."""
+        return Delta.from_tensors({k: v.detach().cpu() for k, v in self.tensors().items()})
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> Delta:
-        return cls(dense_=t["dense"]) if "dense" in t else cls(U=t["U"], V=t["V"])
+        return cls(dense_=t["dense"]) if "dense" in t else cls(U=t["U"], V=t["V"], mask=t.get("mask"))
+
+
+_BITS = 1 << torch.arange(8)  # [8] bit weights of a packed byte, LSB first
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``mask`` (any shape) -> ``[ceil(numel / 8)]`` uint8, row-major, LSB first."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
+    return (flat.view(-1, 8) * _BITS.to(device=flat.device, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of ``pack_mask``: bool tensor of ``shape``."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    bits = (packed[:, None] & _BITS.to(device=packed.device, dtype=torch.uint8)) != 0  # [bytes, 8]
+    return bits.reshape(-1)[:n].view(*shape)
 
 
 class Solver(Protocol):

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kedit.solvers import Delta, LayerProblem, work
+from kedit.solvers import Delta, LayerProblem, pack_mask, work
 from kedit.solvers.memit import MEMIT
 
 
@@ -40,7 +40,7 @@ class _PostProcess:
 
 def _svd(delta: Delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``Delta = L diag(s) Rv^T``: ``L`` [d, r], ``s`` [r] (descending), ``Rv`` [f, r]; r = rank bound."""
-    if delta.U is None:
+    if delta.U is None or delta.mask is not None:
         L, s, Vh = torch.linalg.svd(work(delta.dense()), full_matrices=False)
         return L, s, Vh.T
     # U V^T = Qu (Ru Rv^T) Qv^T: only an r x r SVD, never the [d, f] matrix
@@ -84,11 +84,12 @@ class Prune(_PostProcess):
 
 @dataclass(frozen=True)
 class Rect(_PostProcess):
-    """RECT (Gu et al. 2024): keep the top ``keep`` fraction of Delta's entries, zero the rest (dense Delta).
+    """RECT (Gu et al. 2024): keep the top ``keep`` fraction of Delta's entries, zero the rest.
 
     Exactly ``round(keep * d * f)`` entries are kept, unchanged. Ranked by ``|Delta_ij|`` (METHODS §5), or
     by the relative change ``|Delta_ij| / |W_ij|`` (the paper's "RElative Change in weighT") with
-    ``relative=True``, against the current weight.
+    ``relative=True``, against the current weight. A low-rank base Delta stays factored, with the kept
+    entries as a packed bit mask (``Delta.mask``, d f / 8 bytes); a dense base stays dense.
     """
 
     name: ClassVar[str] = "rect"
@@ -101,7 +102,8 @@ class Rect(_PostProcess):
             raise ValueError(f"keep must be in (0, 1], got {self.keep}")
 
     def solve(self, p: LayerProblem) -> Delta:
-        D = work(self.base.solve(p).dense())  # [d, f]
+        base = self.base.solve(p)
+        D = work(base.dense())  # [d, f] transient
         score = D.abs()
         if self.relative:  # |W_ij| = 0 -> inf (kept first); 0 / 0 -> nan -> 0
             score = torch.nan_to_num(score / work(p.W).abs().to(D.device), nan=0.0)
@@ -109,4 +111,6 @@ class Rect(_PostProcess):
         idx = torch.topk(score.flatten(), k, sorted=False).indices  # [k]
         mask = torch.zeros(D.numel(), dtype=torch.bool, device=D.device)
         mask[idx] = True
+        if base.U is not None and base.mask is None:
+            return Delta(U=base.U, V=base.V, mask=pack_mask(mask))
         return Delta(dense_=torch.where(mask.view_as(D), D, torch.zeros((), dtype=D.dtype, device=D.device)))
