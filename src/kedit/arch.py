@@ -57,6 +57,12 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s input ids must go: its input embedding's execution device (dispatch-aware)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return module_device(emb if emb is not None else model)
+
+
 def _offload_slot(module: nn.Module, name: str) -> tuple[Mapping, str] | None:
     """``(mapping, key)`` holding the real tensor ``name`` of an offloaded module, else None.
 
@@ -199,8 +205,7 @@ class ArchitectureAdapter:
     @property
     def input_device(self) -> torch.device:
         """Device of the input embedding: where input ids must be sent."""
-        emb = self.model.get_input_embeddings()
-        return module_device(emb) if emb is not None else module_device(self.blocks[0])
+        return input_device(self.model)
 
     def to_param_layout(self, delta: torch.Tensor) -> torch.Tensor:
         """Canonical ``[d_model, d_ff]`` -> the parameter's storage layout (decided by module type)."""
