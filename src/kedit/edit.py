@@ -112,7 +112,10 @@ class Edit:
                 "(another model, or already edited)")
 
     def undo(self) -> None:
-        """Restore every touched weight bit for bit (no-op if not applied)."""
+        """Restore every touched weight bit for bit (no-op if not applied), bf16/fp16 and offloaded ones too.
+
+        Memory: while applied, an Edit holds one copy of W_out per edited layer in the weight's own dtype.
+        """
         if self._adapter is None:
             return
         with torch.no_grad():

@@ -4,6 +4,11 @@ Rules the anchors get wrong, kept here: every requested layer is hooked in **one
 batch that stops after the deepest layer; padding is excluded; products are fp32 per block of
 columns and summed in fp64 (error ~1e-7 relative); the budget counts tokens, not articles; the cache
 key holds everything that changes the result, and a cache file is checked before it is trusted.
+
+Placement and memory: each layer's sum accumulates on that layer's device (fp64; fp32 where the device
+has no fp64), so the extra memory is one ``[f, f]`` accumulator per layer plus one token batch of keys.
+Cache: one safetensors file per layer under ``kedit_home()/stats``, ``C`` in float64 on CPU, with its key
+and sha256 in the metadata, written to a temp file and renamed (never half-written).
 """
 
 from __future__ import annotations
