@@ -66,8 +66,7 @@ def run(args: argparse.Namespace, results: dict) -> None:
             results["runs"][name] = {
                 "dtype": DTYPES[dt], "targets": targets, "n_cases": len(rep.cases), "load_s": round(load_s, 2),
                 "wall_s": round(wall, 2), "timings": rep.timings,
-                "metrics": {k: rep.summary[k] for k in KEYS if k in rep.summary},
-                "pre": {k: rep.summary.get("pre", {}).get(k) for k in KEYS},
+                "metrics": {k: rep.summary[k] for k in KEYS if k in rep.summary},  # each with its "pre" entry
                 "editor": rep.config.get("editor"),
             }
             results["machine"] = machine()
@@ -83,12 +82,21 @@ def cell(entry: dict | None) -> str:
 
 
 def table(results: dict) -> str:
+    """Markdown: one column per configuration, plus the unedited model in each dtype (pre-edit values)."""
     runs = {c: results["runs"][c] for c in CONFIGS if c in results["runs"]}
-    lines = ["| metric | " + " | ".join(f"{c} (n={r['n_cases']})" for c, r in runs.items()) + " |",
-             "|---" * (len(runs) + 1) + "|"]
+    unedited = {}  # dtype -> the first run's metrics, whose "pre" entries are the unedited model's
+    for r in runs.values():
+        unedited.setdefault(r["dtype"], r["metrics"])
+    heads = [f"unedited {dt} (n={next(iter(runs.values()))['n_cases']})" for dt in unedited]
+    heads += [f"{c} (n={r['n_cases']})" for c, r in runs.items()]
+    lines = ["| metric | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for k in KEYS:
-        lines.append(f"| {k} | " + " | ".join(cell(r["metrics"].get(k)) for r in runs.values()) + " |")
-    lines.append("| wall s (edit + eval) | " + " | ".join(f"{r['wall_s']:.0f}" for r in runs.values()) + " |")
+        pre = [cell((m.get(k) or {}).get("pre")) for m in unedited.values()]
+        lines.append(f"| {k} | " + " | ".join(pre + [cell(r["metrics"].get(k)) for r in runs.values()]) + " |")
+    lines.append("| edit s (stats + anchors + solve) | " + " | ".join(
+        ["-"] * len(unedited) + [f"{r['timings'].get('edit_s', 0):.0f}" for r in runs.values()]) + " |")
+    lines.append("| wall s (edit + eval) | " + " | ".join(
+        ["-"] * len(unedited) + [f"{r['wall_s']:.0f}" for r in runs.values()]) + " |")
     return "\n".join(lines)
 
 
@@ -103,6 +111,8 @@ def main() -> int:
     if bad:
         p.error(f"unknown configs {sorted(bad)}; valid: {list(CONFIGS)}")
     results = load()
+    for r in results["runs"].values():
+        r.pop("pre", None)  # written by an earlier version of this script: always empty
     if not args.table_only:
         run(args, results)
     if not results["runs"]:
