@@ -224,7 +224,8 @@ class Editor:
                        attention_mask=prep.key_mask[sl, :width].to(device))
             for layer in key_layers:
                 acc = keys[layer]
-                acc.index_add_(0, prep.key_request[sl].to(acc.device), tr.keys[layer].to(acc.dtype))
+                k = tr.keys[layer].to(device=acc.device, dtype=acc.dtype)  # [m, f]
+                acc.index_add_(0, prep.key_request[sl].to(acc.device), k)
             bare = (sl % prep.T) == 0
             for layer in hidden_layers:
                 h = tr.blocks[layer]

@@ -178,7 +178,7 @@ def accumulate(adapter: ArchitectureAdapter, layers: list[int], batches: Iterabl
                 keep = None if full else mask.bool()
                 tr.run(input_ids=ids.to(device), attention_mask=None if full else mask.to(device))
                 for layer in layers:
-                    k = tr.keys.pop(layer)  # [B, T, f] on the layer's device
+                    k = tr.keys.pop(layer).to(sums[layer].device)  # [B, T, f] (a no-op: keys appear there)
                     add_gram(sums[layer], k.reshape(-1, f) if keep is None else k[keep.to(k.device)])
                 m = int(mask.sum())
                 n += m
