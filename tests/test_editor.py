@@ -174,9 +174,9 @@ def test_forward_replay_targets_reproduce_themselves(tiny_tok):
     model = make_tiny("llama", tiny_tok)
     editor = Editor(model, tiny_tok, targets="forward", layers=[1, 2, 3], stats=_identity_stats(model, [1, 2, 3]),
                     anchor=FAST)
-    from kedit.editor import _Prepared
+    from kedit.batch import TokenBatch
 
-    prep = _Prepared(tiny_tok, REQS, editor.templates, 8)
+    prep = TokenBatch(tiny_tok, REQS, editor.templates, 8)
     targets = editor.builder.build(editor._session(prep, {}), editor.layers)
     z = targets.per_layer
     again = editor._replay(prep, 1, z[1], [2, 3])

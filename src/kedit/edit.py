@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kedit.arch import ArchitectureAdapter
+from kedit.arch import ArchitectureAdapter, WeightSnapshot
 from kedit.errors import BadRequest, EditFailed, EditOrderError, KeditError, NotWritable, PatchError
 from kedit.models import tensor_digest
 from kedit.requests import EditRequest, request_from_record
@@ -88,7 +88,9 @@ class Edit:
         self.deltas: dict[int, Delta] = {}
         self.base_digests: dict[int, str] = {}
         self._adapter: ArchitectureAdapter | None = None
-        self._originals: dict[int, torch.Tensor] = {}
+        # one W_out copy per edited layer, in the weight's own dtype (e.g. 2 bytes/entry in bf16): what
+        # undo() needs to restore bit for bit, whatever rounding the write did
+        self._originals: dict[int, WeightSnapshot] = {}
         self._on_undo: Callable[[], None] | None = None
         # in memory only (not saved): what the editor solved, for diagnostics and tests
         self.problems: dict[int, Any] = {}
@@ -104,10 +106,13 @@ class Edit:
 
     # -- writing weights -------------------------------------------------------------------------
     def _write(self, adapter: ArchitectureAdapter, layer: int, delta: Delta) -> None:
-        """Add ``delta`` to W_out(layer), keeping the original for undo. Same arithmetic everywhere."""
-        w = adapter.w_out(layer)
-        self._originals[layer] = w.detach().clone()
-        adapter.add_to_w_out(layer, delta.dense().to(torch.float64).to(w.dtype))
+        """Add ``delta`` to W_out(layer), keeping the original for undo. Same arithmetic everywhere.
+
+        The dense update is formed in fp64 and the adapter adds it in fp32 (fp64 weights: fp64), rounding
+        once to the weight's dtype, into the tensor the forward pass uses (offloaded weights included).
+        """
+        self._originals[layer] = adapter.snapshot_w_out(layer)
+        adapter.add_to_w_out(layer, delta.dense().to(torch.float64))
 
     def add_layer(self, adapter: ArchitectureAdapter, layer: int, delta: Delta) -> None:
         """Editor use: record and apply one layer's delta (the edit becomes bound to the model)."""
@@ -115,9 +120,8 @@ class Edit:
             raise EditFailed(f"the solver produced a non-finite (NaN/inf) update for layer {layer}")
         if self._adapter is None:
             self._bind(adapter)
-        self.base_digests[layer] = tensor_digest(adapter.w_out(layer))
-        self.deltas[layer] = Delta(**{k: v.detach().cpu() for k, v in
-                                      {"U": delta.U, "V": delta.V, "dense_": delta.dense_}.items() if v is not None})
+        self.base_digests[layer] = tensor_digest(adapter.w_out_storage(layer))
+        self.deltas[layer] = delta.cpu()
         self._write(adapter, layer, delta)
 
     def apply(self, model, force: bool = False) -> Edit:
@@ -125,6 +129,11 @@ class Edit:
 
         Every layer's index, delta shape, finiteness and base digest is checked before any weight is
         written; an exception or Ctrl-C while writing restores every layer and is re-raised.
+
+        Dtypes: a patch made on a bf16 model is refused on an fp32 (or fp16...) copy of it, because the
+        base digests are exact bytes of the weights it was made on; the message names both dtypes.
+        ``force=True`` applies it anyway: the stored (fp64) deltas are added to the weights in their
+        own dtype, so the result is the edit up to that dtype's rounding.
         """
         if self.is_applied:
             raise KeditError("this edit is already applied; undo() it first")
@@ -145,11 +154,8 @@ class Edit:
                 raise EditFailed(f"layer {layer}: the delta holds non-finite values (NaN/inf); nothing was applied")
             if layer not in self.base_digests:
                 raise EditFailed(f"layer {layer}: no base-weight digest recorded for this layer")
-            if not force and tensor_digest(adapter.w_out(layer)) != self.base_digests[layer]:
-                raise EditFailed(
-                    f"layer {layer}: the model's W_out differs from the weights this edit was made on "
-                    "(another model, or already edited); pass force=True to apply anyway"
-                )
+            if not force and tensor_digest(adapter.w_out_storage(layer)) != self.base_digests[layer]:
+                raise EditFailed(f"layer {layer}: {self._mismatch(adapter, layer)}; pass force=True to apply anyway")
         self._bind(adapter)
         try:
             for layer in self.layers:
@@ -161,8 +167,20 @@ class Edit:
             raise EditFailed(f"applying the edit failed ({e}); all layers restored") from e
         return self
 
+    def _mismatch(self, adapter: ArchitectureAdapter, layer: int) -> str:
+        """Why the base digest of ``layer`` differs: another dtype (said plainly), else other weights."""
+        made_on = self.record.get("dtype")
+        now = str(adapter.w_out_storage(layer).dtype)
+        if made_on and made_on != now:
+            return (f"this edit was made on a {made_on} model but the model's W_out is {now}; base digests are "
+                    f"exact bytes, so load the model with dtype={made_on.removeprefix('torch.')!r}")
+        return ("the model's W_out differs from the weights this edit was made on "
+                "(another model, or already edited)")
+
     def undo(self) -> None:
-        """Restore every touched weight bit for bit (no-op if not applied).
+        """Restore every touched weight bit for bit (no-op if not applied), bf16/fp16 and offloaded ones too.
+
+        Memory: while applied, an Edit holds one copy of W_out per edited layer in the weight's own dtype.
 
         Raises EditOrderError, changing nothing, if a later applied edit touches one of this edit's
         layers: undo those first (most recent first).
@@ -200,13 +218,13 @@ class Edit:
         try:
             with torch.no_grad():
                 for layer, original in self._originals.items():
-                    adapter.w_out(layer).copy_(original)
+                    adapter.restore_w_out(layer, original)
                     done.add(layer)
         except BaseException:
             with torch.no_grad():
                 for layer, original in self._originals.items():
                     if layer not in done:
-                        adapter.w_out(layer).copy_(original)
+                        adapter.restore_w_out(layer, original)
             self._release()
             raise
         self._release()

@@ -18,19 +18,18 @@ import torch
 
 import kedit
 from kedit.arch import ArchitectureAdapter
+from kedit.batch import KL_PROMPT, TokenBatch
 from kedit.edit import Edit
 from kedit.errors import EditFailed, KeditError
 from kedit.hooks import Trace
-from kedit.models import model_fingerprint
-from kedit.optimize import AnchorConfig, AnchorProblem, Anchors, optimize_anchors
+from kedit.models import device_map_summary, model_fingerprint, model_info
+from kedit.optimize import AnchorConfig, Anchors, optimize_anchors
 from kedit.progress import bar
 from kedit.requests import EditRequest, check_batch
-from kedit.solvers import LayerProblem, make_solver, resolve_defaults, with_hparams
+from kedit.solvers import LayerProblem, make_solver, resolve_defaults, with_hparams, work_dtype
 from kedit.targets import make_targets, preferred_hparams
 from kedit.templates import context_templates
-from kedit.tokens import check_limits, encode_with_subject, pad_id, pad_right, target_ids, teacher_forced
-
-KL_PROMPT = "{} is a"  # METHODS §4: protects the subject's essence
+from kedit.tokens import check_limits, pad_id
 
 
 def default_layers(n_layers: int, multi_layer: bool) -> list[int]:
@@ -65,42 +64,6 @@ def describe(obj: Any) -> Any:
     if isinstance(obj, str | int | float | bool) or obj is None:
         return obj
     return {"name": getattr(obj, "name", type(obj).__name__)}
-
-
-class _Prepared:
-    """Token-level view of a batch of requests: key-reading batch and anchor-optimisation chunks."""
-
-    def __init__(self, tok, requests: list[EditRequest], templates: list[str], chunk: int):
-        self.n, self.T = len(requests), len(templates)
-        self.requests = tuple(requests)
-        pad = pad_id(tok)
-        seqs, decisive, req_of = [], [], []
-        self.targets = []
-        kl = []
-        for i, r in enumerate(requests):
-            self.targets.append(target_ids(tok, r.filled, r.target_new))
-            for t in templates:
-                enc = encode_with_subject(tok, t.replace("{}", r.prompt, 1), r.subject)
-                seqs.append(enc.ids)
-                decisive.append(enc.decisive)
-                req_of.append(i)
-            kl.append(encode_with_subject(tok, KL_PROMPT, r.subject))
-        # key batch: every template sequence, prompt only; row i*T is request i's bare prompt
-        self.key_ids, self.key_mask = pad_right(seqs, pad)
-        self.key_decisive = torch.tensor(decisive)
-        self.key_request = torch.tensor(req_of)
-        self.bare_rows = torch.arange(self.n) * self.T
-        self.chunks = []
-        for lo in range(0, self.n, chunk):
-            hi = min(self.n, lo + chunk)
-            rows = list(range(lo * self.T, hi * self.T))
-            tf = teacher_forced([seqs[s] for s in rows], [self.targets[req_of[s]] for s in rows], pad)
-            kl_ids, kl_mask = pad_right([kl[i].ids for i in range(lo, hi)], pad)
-            self.chunks.append(AnchorProblem(
-                rewrite=tf, rewrite_decisive=self.key_decisive[rows], rewrite_request=self.key_request[rows] - lo,
-                kl_ids=kl_ids, kl_mask=kl_mask, kl_decisive=torch.tensor([kl[i].decisive for i in range(lo, hi)]),
-                kl_last=kl_mask.sum(1) - 1, bare_rows=torch.arange(hi - lo) * self.T, n=hi - lo,
-            ))
 
 
 class Editor:
@@ -167,11 +130,21 @@ class Editor:
         return self._templates
 
     def config(self) -> dict[str, Any]:
-        """Everything this editor uses: model identity, layers, hyperparameters, seed, templates."""
+        """Everything this editor uses: model identity, dtype, placement, layers, hyperparameters, seed, templates.
+
+        ``dtype``: the edited weights' dtype; ``devices``: where the W_out of every block lives
+        (``{"cpu": 30}``, ``{"cuda:0": 20, "offload": 12}``); ``device_map``: accelerate's map when the
+        model was dispatched, summarised as ``{device: n_modules}``.
+        """
+        import transformers
+
         stats = "user-supplied matrices" if isinstance(self.stats, dict) else describe(self.stats)
+        info = model_info(self.model)
         return {
-            "kedit_version": kedit.__version__,
-            "model": getattr(self.model, "kedit_name", None), "revision": getattr(self.model, "kedit_revision", None),
+            "kedit_version": kedit.__version__, "transformers": transformers.__version__,
+            "model": info.name, "revision": info.revision,
+            "dtype": str(self.adapter.w_out_storage(self.layers[0]).dtype),
+            "devices": self.adapter.offload_summary(), "device_map": device_map_summary(self.model),
             "fingerprint": self.fingerprint, "architecture": self.adapter.describe(),
             "method": self.solver.name, "solver": describe(self.solver),
             "targets": self.builder.name, "layers": self.layers,
@@ -208,20 +181,23 @@ class Editor:
 
     # -- forward passes the targets and the loop need ------------------------------------------
     @torch.no_grad()
-    def _read(self, prep: _Prepared, key_layers: list[int], hidden_layers: list[int],
+    def _read(self, prep: TokenBatch, key_layers: list[int], hidden_layers: list[int],
               chunk: int = 256) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Template-averaged keys ``{l: [n, f]}`` and bare-prompt residuals ``{l: [n, d]}`` now.
 
-        Without ``key_layers`` only the bare-prompt rows are run (1/T of the template rows).
+        Without ``key_layers`` only the bare-prompt rows are run (1/T of the template rows). Inputs go to
+        the embedding's device; keys are captured on their W_out's device and summed there in the solve
+        precision; both results are returned on CPU (``[n, f]``/``[n, d]``: small).
         """
-        device = next(self.model.parameters()).device
-        keys = {layer: torch.zeros(prep.n, self.adapter.d_ff, dtype=torch.float64) for layer in key_layers}
+        device = self.adapter.input_device
+        keys = {layer: torch.zeros(prep.n, self.adapter.d_ff, dtype=work_dtype(self.adapter.layer_device(layer)),
+                                   device=self.adapter.layer_device(layer)) for layer in key_layers}
         hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
         rows = torch.arange(prep.key_ids.shape[0]) if key_layers else prep.bare_rows
         for lo in range(0, len(rows), chunk):
             sl = rows[lo:lo + chunk]
             width = int(prep.key_mask[sl].sum(1).max())
-            idx = (torch.arange(len(sl), device=device), prep.key_decisive[sl].to(device))
+            idx = (torch.arange(len(sl)), prep.key_decisive[sl])  # Trace moves it to each activation's device
             with Trace(self.adapter) as tr:
                 for layer in key_layers:
                     tr.capture_key(layer, idx)
@@ -231,23 +207,26 @@ class Editor:
                 tr.run(input_ids=prep.key_ids[sl, :width].to(device),
                        attention_mask=prep.key_mask[sl, :width].to(device))
             for layer in key_layers:
-                keys[layer].index_add_(0, prep.key_request[sl], tr.keys[layer].double().cpu())
+                acc = keys[layer]
+                k = tr.keys[layer].to(device=acc.device, dtype=acc.dtype)  # [m, f]
+                acc.index_add_(0, prep.key_request[sl].to(acc.device), k)
             bare = (sl % prep.T) == 0
             for layer in hidden_layers:
-                hidden[layer].append(tr.blocks[layer][bare.to(device)].float().cpu())
-        return ({k: v / prep.T for k, v in keys.items()}, {k: torch.cat(v) for k, v in hidden.items()})
+                h = tr.blocks[layer]
+                hidden[layer].append(h[bare.to(h.device)].float().cpu())
+        return ({k: (v / prep.T).cpu() for k, v in keys.items()}, {k: torch.cat(v) for k, v in hidden.items()})
 
     @torch.no_grad()
-    def _replay(self, prep: _Prepared, layer: int, z: torch.Tensor, read_layers: list[int]) -> dict[int, torch.Tensor]:
+    def _replay(self, prep: TokenBatch, layer: int, z: torch.Tensor, read_layers: list[int]) -> dict[int, torch.Tensor]:
         """Outputs of ``read_layers`` when block ``layer`` outputs ``z`` at the decisive tokens (METHODS §6)."""
         if not read_layers:
             return {}
-        device = next(self.model.parameters()).device
+        device = self.adapter.input_device
         rows = prep.bare_rows
         width = int(prep.key_mask[rows].sum(1).max())
-        idx = (torch.arange(prep.n, device=device), prep.key_decisive[rows].to(device))
+        idx = (torch.arange(prep.n), prep.key_decisive[rows])  # Trace moves index and z to block layer's device
         with Trace(self.adapter) as tr:
-            tr.set_block(layer, idx, z.to(device))
+            tr.set_block(layer, idx, z)
             for later in read_layers:
                 tr.capture_block(later, idx)
             tr.stop_after(max(read_layers))
@@ -255,7 +234,7 @@ class Editor:
                    attention_mask=prep.key_mask[rows, :width].to(device))
         return {later: tr.blocks[later].float().cpu() for later in read_layers}
 
-    def _session(self, prep: _Prepared, log: dict[str, Any]):
+    def _session(self, prep: TokenBatch, log: dict[str, Any]):
         editor = self
 
         class Session:
@@ -294,11 +273,11 @@ class Editor:
         return Session()
 
     # -- the loop ------------------------------------------------------------------------------
-    def prepare(self, requests: list[EditRequest]) -> tuple[_Prepared, Any, dict[str, Any]]:
+    def prepare(self, requests: list[EditRequest]) -> tuple[TokenBatch, Any, dict[str, Any]]:
         """Validate, tokenise, compute statistics and build the targets (before any weight changes)."""
         check_batch(requests)
         check_limits(self.tok, requests)  # before any forward pass: long inputs cost minutes and rarely take
-        prep = _Prepared(self.tok, requests, self.templates, self.anchor_cfg.batch_size)
+        prep = TokenBatch(self.tok, requests, self.templates, self.anchor_cfg.batch_size)
         for layer in self.layers:
             self.second_moment(layer)
         log: dict[str, Any] = {}
@@ -337,7 +316,7 @@ class Editor:
         prep, targets, log = self.prepare(requests)
         self.timings["optimize"] = log.get("optimize_seconds", 0.0)
         for i, request in enumerate(requests):
-            sub = _Prepared(self.tok, [request], self.templates, 1)
+            sub = TokenBatch(self.tok, [request], self.templates, 1)
             try:
                 edit, _ = self._edit_loop([request], sub, targets.select([i]), log)
             except EditFailed:
@@ -349,7 +328,7 @@ class Editor:
             if edit.is_applied:
                 raise KeditError("apply_each: undo() each yielded edit before asking for the next one")
 
-    def _edit_loop(self, requests, prep: _Prepared, targets, log: dict[str, Any]) -> tuple[Edit, list]:
+    def _edit_loop(self, requests, prep: TokenBatch, targets, log: dict[str, Any]) -> tuple[Edit, list]:
         """Per edited layer, shallow to deep: current keys and states -> R -> solve -> apply."""
         record = {**self.config(), "n_requests": len(requests), "edit_layers": targets.edit_layers}
         edit = Edit(requests, record)
@@ -366,8 +345,12 @@ class Editor:
                 if self.diagnostics and h_final_before is None:
                     h_final_before = hidden[final]
                 R = targets.residual(j, hidden.__getitem__)  # [n, d]
-                W = self.adapter.w_out_weight(layer).detach().double().cpu()
-                problem = LayerProblem(layer, K=keys[layer].T, R=R.T.double(), C=self.second_moment(layer), W=W,
+                # the solve runs on the edited layer's device in its solve precision (fp64 on CPU/CUDA)
+                dev = self.adapter.layer_device(layer)
+                at = {"device": dev, "dtype": work_dtype(dev)}
+                problem = LayerProblem(layer, K=keys[layer].T.to(**at), R=R.T.to(**at),
+                                       C=self.second_moment(layer).to(**at),
+                                       W=self.adapter.w_out_weight(layer).detach().to(**at),
                                        state=copy.copy(self.state[layer]))
                 delta = self.solver.solve(problem)
                 edit.add_layer(self.adapter, layer, delta)
@@ -397,8 +380,9 @@ class Editor:
         _, after = self._read(prep, [], [final])  # bare prompts only: cheap enough to be on by default
         z = targets.final_target
         start = (z - h_final_before).norm(dim=-1)
-        own = (K.double() @ delta.dense().T.double()).float()  # [n, d] this layer's output change
+        D = delta.dense().double().cpu()  # [d, f]
+        own = (K.double() @ D.T).float()  # [n, d] this layer's output change
         induced = after[final] - hidden[final]  # [n, d] change it caused at the last layer
         cos = torch.nn.functional.cosine_similarity(own, induced, dim=-1)
         return {"layer": layer, "residual_ratio": ((z - after[final]).norm(dim=-1) / start).mean().item(),
-                "cos_own_induced": cos.mean().item(), "delta_norm": delta.dense().norm().item()}
+                "cos_own_induced": cos.mean().item(), "delta_norm": D.norm().item()}

@@ -25,6 +25,10 @@ class ModelNotFound(KeditError):
     """`load_model` could not resolve a name; the message lists what is available."""
 
 
+class ModelLoadError(KeditError, ValueError):
+    """`load_model` options cannot be honoured (dtype, device, device_map, offload folder); checked before loading."""
+
+
 class EditFailed(KeditError):
     """Applying an edit failed part-way; every touched weight has been restored."""
 
