@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from kedit.arch import ArchitectureAdapter
-    from kedit.editor import Editor, _Prepared, default_layers
+    from kedit.batch import TokenBatch
+    from kedit.editor import Editor, default_layers
     from kedit.hooks import Trace
     from kedit.optimize import AnchorConfig, optimize_anchors
     from kedit.solvers import LayerProblem, make_solver
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     pad = tok.pad_token_id
     for b in B["anchor_batches"]:
         def anchors(b=b):
-            prep = _Prepared(tok, requests(b), TEMPLATES, b)
+            prep = TokenBatch(tok, requests(b), TEMPLATES, b)
             cfg_a = AnchorConfig(steps=B["steps"], early_stop_nll=0.0, batch_size=b)
             t0 = time.perf_counter()
             optimize_anchors(model, adapter, prep.chunks, layers[0], cfg_a, pad)

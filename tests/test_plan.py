@@ -7,9 +7,10 @@ import torch
 from conftest import make_tiny
 
 from kedit.arch import ArchitectureAdapter
+from kedit.batch import TokenBatch
 from kedit.cli import main
-from kedit.editor import Editor, _Prepared
-from kedit.optimize import AnchorConfig, _layout, optimize_anchors
+from kedit.editor import Editor
+from kedit.optimize import AnchorConfig, anchor_layout, optimize_anchors
 from kedit.plan import SHAPES, backward_bytes, load_config, model_shape, plan
 from kedit.requests import EditRequest
 from kedit.stats import accumulate
@@ -53,8 +54,8 @@ def test_backward_activation_estimate_matches_autograd(tiny_tok, family):
     model = make_tiny(family, tiny_tok)
     adapter = ArchitectureAdapter.from_model(model)
     editor = Editor(model, tiny_tok, layers=[1], stats={}, anchor={"steps": 1})
-    prep = _Prepared(tiny_tok, REQS, editor.templates, 32)
-    lay = _layout(prep.chunks[0], pad_id(tiny_tok))
+    prep = TokenBatch(tiny_tok, REQS, editor.templates, 32)
+    lay = anchor_layout(prep.chunks[0], pad_id(tiny_tok))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 

@@ -41,7 +41,7 @@ from kedit.solvers import Delta
 
 FORMAT = "kedit-edit/2"
 FORMAT_V1 = "kedit-edit/1"  # no content digest; still loads, with a warning
-_TENSOR_NAME = re.compile(r"layer(0|[1-9][0-9]*)\.(U|V|dense)")
+_TENSOR_NAME = re.compile(r"layer(0|[1-9][0-9]*)\.(U|V|dense|mask)")  # mask: RECT's packed bits
 
 # The one owner of "which edits are applied to this model, in order": model -> [Edit, ...] (oldest first).
 # Weak keys: a model that is garbage-collected takes its stack with it.
@@ -343,8 +343,13 @@ class Edit:
         for key, t in tensors.items():
             m = _TENSOR_NAME.fullmatch(key)
             if m is None:
-                raise PatchError(f"{path}: tensor name {key!r} is not 'layer<N>.U', 'layer<N>.V' or 'layer<N>.dense'")
-            if not t.is_floating_point() or t.dim() != 2:
+                raise PatchError(f"{path}: tensor name {key!r} is not 'layer<N>.U', 'layer<N>.V', 'layer<N>.mask' "
+                                 "or 'layer<N>.dense'")
+            if m.group(2) == "mask":
+                if t.dtype != torch.uint8 or t.dim() != 1:
+                    raise PatchError(f"{path}: tensor {key!r} must be a 1-D uint8 packed mask, got "
+                                     f"{t.dtype} {tuple(t.shape)}")
+            elif not t.is_floating_point() or t.dim() != 2:
                 raise PatchError(f"{path}: tensor {key!r} must be a 2-D floating-point matrix, got "
                                  f"{t.dtype} {tuple(t.shape)}")
             by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = t
@@ -355,8 +360,12 @@ class Edit:
                              f"layers {sorted(base)}")
         deltas: dict[int, Delta] = {}
         for layer, parts in sorted(by_layer.items()):
-            if set(parts) not in ({"dense"}, {"U", "V"}):
-                raise PatchError(f"{path}: layer {layer} has tensors {sorted(parts)}; expected 'dense' or 'U' and 'V'")
+            if set(parts) not in ({"dense"}, {"U", "V"}, {"U", "V", "mask"}):
+                raise PatchError(f"{path}: layer {layer} has tensors {sorted(parts)}; expected 'dense' or 'U' and 'V' "
+                                 "(and RECT's 'mask')")
+            if "mask" in parts and parts["mask"].numel() != -(-parts["U"].shape[0] * parts["V"].shape[0] // 8):
+                raise PatchError(f"{path}: layer {layer}: the packed mask has {parts['mask'].numel()} bytes, "
+                                 f"expected ceil({parts['U'].shape[0]} x {parts['V'].shape[0]} / 8)")
             if "U" in parts and parts["U"].shape[1] != parts["V"].shape[1]:
                 raise PatchError(f"{path}: layer {layer}: U {tuple(parts['U'].shape)} and V "
                                  f"{tuple(parts['V'].shape)} have different ranks")
