@@ -143,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
                            editor_kwargs={"anchor": anchor})
         result[key] = _test_block(ws, chosen, complete=args.test_all)
     result["seconds"] = time.perf_counter() - t_start
+    from kedit import distributed
+
+    if not distributed.is_main():  # under torchrun every rank holds the same result: rank 0 writes and prints it
+        return 0
     out = Path(args.out or f"runs/layers-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "layers.json").write_text(json.dumps(result, indent=1, default=str))
