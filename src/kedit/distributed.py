@@ -28,6 +28,7 @@ T = TypeVar("T")
 TIMEOUT_ENV = "KEDIT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0  # seconds: long enough for a rank loading an 8B model or a slow shared disk
 _serial_depth = 0  # > 0 inside ``serial()``: every rank works alone (no collectives)
+_cpu_group: Any = None  # gloo group for barriers and pickled objects (the default group itself when it is gloo)
 
 
 class DistributedError(KeditError):
@@ -109,12 +110,23 @@ def init(device: torch.device | str = "cpu") -> bool:
         if var not in os.environ:
             raise DistributedError(f"WORLD_SIZE={size} but {var} is unset: launch with torchrun")
     dist.init_process_group(want, timeout=timedelta(seconds=timeout()))
+    global _cpu_group
+    # objects and barriers go through gloo even beside nccl: a monitored barrier names missing ranks, and a
+    # pickled object needs no GPU staging
+    _cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout())) if want == "nccl" else None
     return True
 
 
-def active(device: torch.device | str = "cpu") -> bool:
-    """True when this call should split work across ranks (torchrun with > 1 process, not in ``serial()``)."""
-    return init(device)
+def active(device: torch.device | str | None = None) -> bool:
+    """True when this call should split work across ranks (torchrun with > 1 process, not in ``serial()``).
+
+    Joins the process group on first use, for work on ``device`` (default: CPU unless already joined).
+    """
+    if world()[1] == 1 or _serial_depth:
+        return False
+    if device is None and dist.is_initialized():
+        return True
+    return init("cpu" if device is None else device)
 
 
 @contextmanager
@@ -134,8 +146,10 @@ def serial() -> Iterator[None]:
 
 def close() -> None:
     """Leave the process group (no-op if none)."""
+    global _cpu_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _cpu_group = None
 
 
 # -- partitions ----------------------------------------------------------------------------------------
@@ -154,12 +168,13 @@ def shard(items: Sequence[T], rank: int | None = None, size: int | None = None) 
     return list(items[lo:hi])
 
 
-def distribute(items: Sequence[T]) -> list[tuple[int, T]]:
-    """``(index, item)`` pairs this rank should run, for grids of independent configurations.
+def distribute(items: Sequence[T], device: torch.device | str | None = None) -> list[tuple[int, T]]:
+    """``(index, item)`` pairs this rank should run (a contiguous share), for grids of independent configurations.
 
     Pair with ``gather_ordered`` to assemble every rank's results in item order. One process: all items.
+    ``device``: where the work runs (selects the backend if the process group is not joined yet).
     """
-    lo, hi = shard_bounds(len(items)) if active() else (0, len(items))
+    lo, hi = shard_bounds(len(items)) if active(device) else (0, len(items))
     return [(i, items[i]) for i in range(lo, hi)]
 
 
@@ -182,21 +197,21 @@ def _failed(what: str, e: Exception) -> DistributedError:
                             f"another rank probably died or is stuck (see its log; {TIMEOUT_ENV} sets the timeout)")
 
 
-def barrier(what: str = "barrier") -> None:
-    """Wait for every rank. On gloo a rank that does not arrive within the timeout is named."""
+def barrier(what: str = "barrier", seconds: float | None = None) -> None:
+    """Wait for every rank, at most ``seconds`` (default ``timeout()``); a rank that does not arrive is named.
+
+    Give ``seconds`` where ranks legitimately finish far apart (e.g. unequal shares of a benchmark grid).
+    """
     if not active():
         return
-    try:
-        if dist.get_backend() == "gloo":
-            # rank 0 collects every rank (wait_all_ranks: it reports all the missing ones, not the first)
-            dist.monitored_barrier(timeout=timedelta(seconds=timeout()), wait_all_ranks=True)
-        else:
-            dist.barrier(device_ids=[torch.cuda.current_device()])
+    limit = timeout() if seconds is None else seconds
+    try:  # rank 0 collects every rank (wait_all_ranks: it reports all the missing ones, not the first)
+        dist.monitored_barrier(group=_cpu_group, timeout=timedelta(seconds=limit), wait_all_ranks=True)
     except RuntimeError as e:
         missing = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
         if missing:
             raise DistributedError(f"{what}: rank(s) {missing.group(1).strip()} did not arrive within "
-                                   f"{timeout():g}s (died or stuck; {TIMEOUT_ENV} sets the timeout)") from None
+                                   f"{limit:g}s (died or stuck; {TIMEOUT_ENV} sets the timeout)") from None
         raise _failed(what, e) from None
 
 
@@ -220,7 +235,7 @@ def all_gather_object(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * world_size()
     try:
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=_cpu_group)
     except RuntimeError as e:
         raise _failed("all-gather", e) from None
     return out
@@ -232,7 +247,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
         return obj
     box = [obj if rank() == src else None]
     try:
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=_cpu_group)
     except RuntimeError as e:
         raise _failed("broadcast", e) from None
     return box[0]

@@ -351,7 +351,7 @@ class Editor:
         t_start = time.perf_counter()
         prep, targets, log = self.prepare(requests)
         edit, pending = self._edit_loop(requests, prep, targets, log)
-        if distributed.active():  # every rank solved the same problem: it must hold the same weights
+        if distributed.active(self.adapter.w_out(0).device):  # every rank solved the same problem: same weights
             try:
                 distributed.check_same("edited weights digest", distributed.weights_digest(
                     [self.adapter.w_out(layer) for layer in edit.layers]))
@@ -392,7 +392,7 @@ class Editor:
     def _edit_loop(self, requests, prep: _Prepared, targets, log: dict[str, Any]) -> tuple[Edit, list]:
         """Per edited layer, shallow to deep: current keys and states -> R -> solve -> apply."""
         record = {**self.config(), "n_requests": len(requests), "edit_layers": targets.edit_layers,
-                  "world_size": distributed.world_size() if distributed.active() else 1}
+                  "world_size": distributed.world_size() if distributed.active(self.adapter.w_out(0).device) else 1}
         edit = Edit(requests, record)
         edit.targets = targets
         pending, diag = [], []
