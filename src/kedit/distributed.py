@@ -98,6 +98,7 @@ def init(device: torch.device | str = "cpu") -> bool:
                                    "nccl (kedit does so when the model is on CUDA)")
         if have == "nccl" and not torch.cuda.is_available():
             raise DistributedError("the process group uses nccl but CUDA is not available on this machine")
+        _join_cpu_group(have)  # a group the caller initialised: add the gloo side group on first use
         return True
     if want == "nccl" and not torch.cuda.is_available():
         raise DistributedError("nccl needs CUDA, which is not available; run the model on CPU (gloo)")
@@ -110,11 +111,16 @@ def init(device: torch.device | str = "cpu") -> bool:
         if var not in os.environ:
             raise DistributedError(f"WORLD_SIZE={size} but {var} is unset: launch with torchrun")
     dist.init_process_group(want, timeout=timedelta(seconds=timeout()))
-    global _cpu_group
-    # objects and barriers go through gloo even beside nccl: a monitored barrier names missing ranks, and a
-    # pickled object needs no GPU staging
-    _cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout())) if want == "nccl" else None
+    _join_cpu_group(want)
     return True
+
+
+def _join_cpu_group(backend: str) -> None:
+    """Objects and barriers go through gloo even beside nccl: a monitored barrier names missing ranks, and
+    a pickled object needs no GPU staging. Collective: every rank calls it at the same point (first init)."""
+    global _cpu_group
+    if backend != "gloo" and _cpu_group is None:
+        _cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout()))
 
 
 def active(device: torch.device | str | None = None) -> bool:
@@ -122,10 +128,6 @@ def active(device: torch.device | str | None = None) -> bool:
 
     Joins the process group on first use, for work on ``device`` (default: CPU unless already joined).
     """
-    if world()[1] == 1 or _serial_depth:
-        return False
-    if device is None and dist.is_initialized():
-        return True
     return init("cpu" if device is None else device)
 
 
