@@ -9,7 +9,9 @@ to rerun with ``--debug`` (exit 1); Ctrl-C exits 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -117,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         from kedit.commands._common import validate
 
         validate(args)
+        from kedit import distributed
+
+        if not distributed.is_main():  # under torchrun rank 0 prints and writes outputs; the others stay quiet
+            with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+                return int(modules[cmd].run(args) or 0)
         return int(modules[cmd].run(args) or 0)
     except KeyboardInterrupt:
         print(f"\nkedit {cmd}: interrupted", file=sys.stderr)

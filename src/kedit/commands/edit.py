@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from kedit import distributed
 from kedit.commands._common import (
     add_editor_args,
     add_model_args,
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     edit = editor.apply(requests)
     seconds = time.perf_counter() - t0
     after = snapshot(model, tok, requests)
-    if args.save:
+    if args.save and distributed.is_main():  # under torchrun every rank holds the same edit: rank 0 saves it
         path = edit.save(args.save)
         if verbose(args):
             print(f"[kedit] saved patch to {path}", file=sys.stderr)
