@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kedit.errors import DatasetFormatError, KeditError
+from kedit.io import iter_jsonl, write_text
 
 # Prefixes the self-sampled corpus starts from (ROME/MEMIT sample their templates the same way).
 PREFIXES = ("The", "In", "A", "It", "This", "When", "There", "One", "After", "Many", "He", "She", "We", "I",
@@ -99,58 +98,41 @@ def _text_pieces(path: Path) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            text = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DatasetFormatError(f"{path}:{lineno}: record has no string field {field!r}")
-            yield text
+    for lineno, record in iter_jsonl(path, DatasetFormatError):
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DatasetFormatError(f"{path}:{lineno}: record has no string field {field!r}")
+        yield text
 
 
-def sampled_corpus(model, tok, tokens: int, seed: int = 0, progress: bool = True, per_prefix: int = 32,
-                   max_new_tokens: int = 128) -> Corpus:
-    """Text sampled from ``model`` (top-k 50, seeded) until ``tokens`` tokens; cached as JSONL per model.
+def sampled_corpus(model, tok, tokens: int, seed: int = 0, progress: bool = True, max_new_tokens: int = 128,
+                   top_k: int = 50) -> Corpus:
+    """Text sampled from ``model`` (top-k, seeded) until ``tokens`` tokens; cached as JSONL per model.
 
-    Cached under ``kedit_home()/corpus/<fingerprint>-s<seed>-n<tokens>.jsonl``, written atomically.
+    Row ``r`` continues ``PREFIXES[r % len(PREFIXES)]`` with its own seed (kedit.generation), so the text
+    does not depend on batching. Cached under ``kedit_home()/corpus/<fingerprint>-s<seed>-n<tokens>.jsonl``.
     """
+    from kedit.generation import generate_ids, row_seed
     from kedit.models import kedit_home, model_fingerprint
-    from kedit.sampling import sample
+    from kedit.tokens import pad_id
 
     path = kedit_home() / "corpus" / f"{model_fingerprint(model)}-s{seed}-n{tokens}.jsonl"
     if not path.is_file():
-        from tqdm import tqdm
-
-        docs, n, r = [], 0, 0
-        bar = tqdm(total=tokens, unit="tok", desc="sampling corpus", file=sys.stderr,
-                   leave=False, disable=not progress)
+        prefix_ids = [tok(p)["input_ids"] for p in PREFIXES]
+        docs: list[str] = []
+        n = 0
         while n < tokens:  # every sample holds at least its prefix, so this ends
-            texts = sample(model, tok, PREFIXES[r % len(PREFIXES)], per_prefix, max_new_tokens,
-                           seed=seed * 100_003 + r, top_k=50)
-            got = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
-            docs += texts
-            n, r = n + got, r + 1
-            bar.update(got)
-        bar.close()
-        _write_atomic(path, "".join(json.dumps({"text": t}) + "\n" for t in docs))
+            # enough rows for the rest if none stops early; rows that hit EOS early are topped up next round
+            rows = range(len(docs), len(docs) + max(1, -(-(tokens - n) // max_new_tokens)))
+            new = generate_ids(model, [prefix_ids[r % len(PREFIXES)] for r in rows], max_new_tokens, top_k=top_k,
+                               seeds=[row_seed(seed, r) for r in rows], eos_token_id=tok.eos_token_id,
+                               pad_token_id=pad_id(tok), progress=progress, desc="sampling corpus")
+            for r, ids in zip(rows, new, strict=True):
+                text = PREFIXES[r % len(PREFIXES)] + tok.decode(ids, skip_special_tokens=True)
+                docs.append(text)
+                n += len(tok(text, add_special_tokens=False)["input_ids"])
+        write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in docs))
     return open_corpus(path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def bos_id(tok) -> int | None:

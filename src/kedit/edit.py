@@ -9,8 +9,6 @@ at apply time. A patch file is one ``.safetensors`` file whose metadata holds th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +20,7 @@ from safetensors.torch import save_file
 
 from kedit.arch import ArchitectureAdapter
 from kedit.errors import EditFailed, KeditError
+from kedit.io import atomic_write
 from kedit.models import tensor_digest
 from kedit.requests import EditRequest, request_from_record
 from kedit.solvers import Delta
@@ -124,16 +123,8 @@ class Edit:
                    for k, v in d.tensors().items()}
         meta = {"format": FORMAT, "record": self.record, "base_digests": self.base_digests,
                 "requests": [r.to_dict() for r in self.requests]}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"kedit": json.dumps(meta, default=str)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        meta_json = {"kedit": json.dumps(meta, default=str)}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta_json))
 
     @classmethod
     def load(cls, path: str | Path) -> Edit:

@@ -7,13 +7,12 @@ Evaluation extras (``paraphrases``, ``neighbors``) ride along for the harness.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kedit.errors import BadRequest
+from kedit.io import read_records
 
 
 @dataclass(frozen=True)
@@ -117,25 +116,7 @@ def read_requests(path: str | Path) -> list[EditRequest]:
     path = Path(path)
     if not path.is_file():
         raise BadRequest(f"request file {path} does not exist")
-    text = path.read_text()
-    records: Iterable[tuple[str, Any]]
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadRequest(f"{path}: invalid JSON ({e})") from None
-        records = ((f"{path} record {i}", r) for i, r in enumerate(data))
-    else:
-        parsed = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                parsed.append((f"{path}:{i}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise BadRequest(f"{path}:{i}: invalid JSON ({e})") from None
-        records = parsed
-    out = [request_from_record(r, where) for where, r in records]
+    out = [request_from_record(r, where) for where, r in read_records(path, BadRequest)]
     if not out:
         raise BadRequest(f"{path} holds no requests")
     return out

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 
+from kedit.io import write_json
 from kedit.models import kedit_home, model_fingerprint
 from kedit.sampling import sample
 
@@ -38,9 +37,5 @@ def context_templates(model, tok, seed: int = 0, n_per_prefix: int = 1, length: 
             # braces would break the template; newlines make odd prompts
             clean = " ".join(text.replace("{", " ").replace("}", " ").split())
             templates.append(clean + ". {}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"spec": spec, "templates": templates}, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, {"spec": spec, "templates": templates}, indent=1)
     return templates

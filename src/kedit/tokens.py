@@ -98,6 +98,17 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists: ``(input_ids [B, T], attention_mask [B, T])``, real tokens at the end of each row."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
 def teacher_forced(prompt_ids: list[list[int]], target_token_ids: list[list[int]], pad_id: int) -> TeacherForced:
     """Batch ``prompt + target[:-1]`` per pair, recording where each target token is predicted."""
     seqs, rows, positions, labels, seq = [], [], [], [], []
