@@ -20,12 +20,18 @@ from kedit.errors import BadRequest
 
 @dataclass
 class Encoded:
+    """A prompt's token ids with the subject's span in them."""
+
     ids: list[int]
     decisive: int  # index of the subject's last token in ``ids``
+    first: int     # index of the subject's first token (causal tracing corrupts first..decisive)
 
 
 def encode_with_subject(tok, template: str, subject: str) -> Encoded:
-    """Tokenise ``template`` with ``subject`` written into its ``{}``; locate the subject's last token."""
+    """Tokenise ``template`` with ``subject`` written into its ``{}``; locate the subject's first and last tokens.
+
+    The first token is the first one overlapping the subject (a BPE token carrying its leading space counts).
+    """
     start = template.index("{}")
     text = template[:start] + subject + template[start + 2:]
     end = start + len(subject)
@@ -34,12 +40,14 @@ def encode_with_subject(tok, template: str, subject: str) -> Encoded:
         hits = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < end and e > start]
         if not hits:
             raise BadRequest(f"subject {subject!r} maps to no token in {text!r}")
-        return Encoded(list(enc["input_ids"]), hits[-1])
+        return Encoded(list(enc["input_ids"]), hits[-1], hits[0])
     ids = tok(text)["input_ids"]
     prefix = tok(text[:end])["input_ids"]
     if ids[: len(prefix)] != prefix:
         raise BadRequest(f"subject {subject!r} ends inside a token of {text!r}; cannot locate its last token")
-    return Encoded(list(ids), len(prefix) - 1)
+    # the text before the subject, its trailing space left to the subject's first token
+    first = min(len(tok(text[:start].rstrip())["input_ids"]), len(prefix) - 1)
+    return Encoded(list(ids), len(prefix) - 1, first)
 
 
 def continuation(prompt_text: str, target: str) -> str:

@@ -34,7 +34,7 @@ def auto_layers(model: torch.nn.Module, tok: Any, method: str = "rome", window: 
     """
     from kedit.arch import ArchitectureAdapter
     from kedit.editor import default_layers
-    from kedit.layers import LGA
+    from kedit.layers.lga import LGA
     from kedit.models import kedit_home, model_fingerprint
     from kedit.solvers import SOLVERS
 
