@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from kedit.arch import ArchitectureAdapter
+from kedit.generation import cache_kwargs
 from kedit.hooks import Trace, _first
 from kedit.tokens import TeacherForced
 
@@ -152,7 +153,7 @@ class _SuffixReplay:
             with torch.no_grad(), Trace(adapter) as tr:
                 tr.stop_after(adapter.n_layers - 1)
                 tr.run(input_ids=lay.ids[:, lay.P:], attention_mask=lay.mask, position_ids=lay.pos[:, lay.P:],
-                       past_key_values=self.cache, use_cache=True)
+                       use_cache=True, **cache_kwargs(adapter.model, self.cache))  # no deprecated keyword
         finally:
             for h in handles:
                 h.remove()
