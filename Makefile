@@ -33,8 +33,10 @@ setup: $(VENV)/.kedit-stamp
 
 setup-dev: $(VENV)/.dev-stamp
 
+# OMP_WAIT_POLICY=PASSIVE (unless set): with more busy threads than cores (a browser, a build), torch's
+# spinning OpenMP threads slow every matrix product several-fold; sleeping threads cost little here.
 demo: setup
-	$(BIN)/kedit demo
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/kedit demo
 
 test: setup-dev
 	$(BIN)/python -m pytest -q
