@@ -104,7 +104,7 @@ def main() -> int:
 
     record("sampling", "old", 32, *timed(old_run))
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    auto = default_batch_size(model, max(map(len, prefixes)) + args.tokens)
+    auto = min(default_batch_size(model, max(map(len, prefixes)) + args.tokens), args.rows)  # what runs
     for b in [*sizes, "auto"]:
         bs = auto if b == "auto" else b
         new, s = timed(lambda bs=bs: generate_ids(model, prefixes, args.tokens, top_k=50, seeds=seeds,
