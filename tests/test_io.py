@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kedit.errors import BadRequest, DatasetFormatError, KeditError
+from kedit.errors import BadRequest, DatasetFormatError, InputFileError, KeditError
 from kedit.io import atomic_write, iter_jsonl, read_records, write_bytes, write_json, write_text
 
 
@@ -60,9 +60,11 @@ def test_reader_errors_name_file_and_line(tmp_path):
         list(iter_jsonl(jl, BadRequest))
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes('{"text": "café"}\n'.encode("latin-1"))
-    for read in (read_records, lambda p, e: list(iter_jsonl(p, e))):
-        with pytest.raises(DatasetFormatError, match=r"latin1\.jsonl: not UTF-8"):
+    for read in (read_records, lambda p, e, enc=None: list(iter_jsonl(p, e, enc))):
+        with pytest.raises(DatasetFormatError, match=r"latin1\.jsonl:1: not UTF-8 text \(byte 13"):
             read(bad, DatasetFormatError)
+        with pytest.raises(BadRequest, match=r"latin1\.jsonl:1: not UTF-8"):  # its own error type
+            read(bad, DatasetFormatError, BadRequest)
     with pytest.raises(KeditError, match="cannot read"):
         read_records(tmp_path / "missing.jsonl")
 
@@ -73,7 +75,7 @@ def test_request_and_dataset_readers_use_it(tmp_path):
 
     bad = tmp_path / "r.jsonl"
     bad.write_bytes(b'{"prompt": "\xff"}\n')
-    with pytest.raises(BadRequest, match="not UTF-8"):
+    with pytest.raises(InputFileError, match="r.jsonl:1: not UTF-8"):
         read_requests(bad)
     with pytest.raises(DatasetFormatError, match="not UTF-8"):
         _read_records(bad)
