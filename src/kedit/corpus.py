@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -129,8 +130,10 @@ def sampled_corpus(model, tok, tokens: int, seed: int = 0, progress: bool = True
         docs: list[str] = []
         n = 0
         while n < tokens:  # every sample holds at least its prefix, so this ends
-            # enough rows for the rest if none stops early; rows that hit EOS early are topped up next round
-            rows = range(len(docs), len(docs) + max(1, -(-(tokens - n) // max_new_tokens)))
+            # rows for the rest, 15% spare for rows that stop early at EOS: a top-up round costs another
+            # max_new_tokens sequential steps, spare rows in the same batch cost only their own compute
+            per_row = n / len(docs) if docs else max_new_tokens  # tokens per row so far
+            rows = range(len(docs), len(docs) + max(1, math.ceil(1.15 * (tokens - n) / max(per_row, 1))))
             new = generate_ids(model, [prefix_ids[which(r)] for r in rows], max_new_tokens, top_k=top_k,
                                seeds=[row_seed(seed, r) for r in rows], eos_token_id=tok.eos_token_id,
                                pad_token_id=pad_id(tok), progress=progress, desc="sampling corpus")
