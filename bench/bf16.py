@@ -15,14 +15,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from machine import machine  # bench/machine.py (scripts run as bench/<name>.py)
+from common import CORPUS, DATA, RESULTS, machine  # bench/common.py (scripts run as bench/<name>.py)
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"  # never copied into the repo
-OUT = ROOT / "bench" / "results" / "bf16.json"
-CORPUS = DATA / "wikitext-2-raw" / "wiki.test.raw"
+OUT = RESULTS / "bf16.json"
 CONFIGS = {f"{dt}_{tg}": (dt, tg) for dt in ("fp32", "bf16") for tg in ("backward", "forward")}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",

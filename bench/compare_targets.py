@@ -27,14 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-from machine import machine  # bench/machine.py (scripts run as bench/<name>.py)
+from common import CORPUS, DATA, RESULTS, machine, metric_cell, require_data  # bench/common.py
 
 from kedit import distributed
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"  # never copied into the repo
-OUT = ROOT / "bench" / "results" / "compare"
-CORPUS = DATA / "wikitext-2-raw" / "wiki.test.raw"
+OUT = RESULTS / "compare"
 SOLVERS = ("memit", "alphaedit", "emmet", "prune", "rect")
 COLUMNS = {  # (column label, summary key)
     "counterfact": (("ES", "efficacy_score"), ("EA", "efficacy_acc"), ("PS", "paraphrase_score"),
@@ -74,6 +71,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
 
 
 def run_all(args: argparse.Namespace) -> None:
+    require_data(CORPUS, DATA / "counterfact_subset500.json", DATA / "zsre_mend_eval_portability_gpt4.json")
     from kedit.editor import Editor
     from kedit.eval import Evaluator, load_dataset
     from kedit.eval.report import write
@@ -138,7 +136,7 @@ def collect() -> dict[str, dict]:
 
 
 def cell(entry: dict | None) -> str:
-    return "-" if not entry or entry.get("mean") is None else f"{entry['mean']:.3f}"
+    return metric_cell(entry, ci=False)
 
 
 def write_outputs() -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import machine  # bench/machine.py (scripts run as bench/<name>.py)
+from common import CORPUS, DATA, RESULTS, machine, require_data  # bench/common.py (scripts run as bench/<name>.py)
 from torch.utils.flop_counter import FlopCounterMode
 
 from kedit.arch import ArchitectureAdapter
@@ -44,10 +44,7 @@ from kedit.requests import EditRequest, request_from_record
 from kedit.stats import StatsInfo, StatsSpec, second_moments
 from kedit.tokens import pad_id
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COUNTERFACT = DATA / "counterfact_subset500.json"
-CORPUS = DATA / "wikitext-2-raw" / "wiki.test.raw"
-RESULTS = Path(__file__).resolve().parent / "results" / "edit.json"
 
 
 # -- machine -------------------------------------------------------------------------------------------
@@ -388,8 +385,9 @@ def main() -> int:
     ap.add_argument("--profile-steps", type=int, default=3, help="evaluations profiled (0: skip)")
     ap.add_argument("--stats-tokens", type=int, default=40_000)
     ap.add_argument("--steps", type=int, default=AnchorConfig().steps, help="anchor optimisation steps")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=RESULTS / "edit.json")
     args = ap.parse_args()
+    require_data(COUNTERFACT, CORPUS)
     t_start = time.perf_counter()
     torch.manual_seed(0)
     layers = [int(x) for x in args.layers.split(",")]

@@ -19,14 +19,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from machine import machine  # bench/machine.py (scripts run as bench/<name>.py)
+from common import CORPUS, DATA, RESULTS, machine, metric_cell, require_data  # bench/common.py
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"  # never copied into the repo
-RESULTS = ROOT / "bench" / "results"
-CORPUS = DATA / "wikitext-2-raw" / "wiki.test.raw"
 RUNS = {"none": None, "memit_backward": ("memit", "backward"), "memit_forward": ("memit", "forward")}
 CF_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_acc", "paraphrase_acc",
            "neighborhood_acc", "efficacy_magnitude", "neighborhood_kl", "top1_overlap", "top5_overlap", "fluency")
@@ -35,18 +30,12 @@ ZSRE_KEYS = ("efficacy_token_acc", "efficacy_exact_match", "generalization_token
 
 
 
-def cell(entry: dict | None) -> str:
-    if not entry or entry.get("mean") is None:
-        return "-"
-    return f"{entry['mean']:.3f} [{entry['ci_low']:.2f}, {entry['ci_high']:.2f}]"
-
-
 def table(name: str, keys: tuple[str, ...], runs: dict[str, dict]) -> list[str]:
     lines = [f"### {name}", "", "| metric | " + " | ".join(f"{r} (n={s['n_cases']})" for r, s in runs.items()) + " |",
              "|---" * (len(runs) + 1) + "|"]
     for k in keys:
         if any(k in s for s in runs.values()):
-            lines.append(f"| {k} | " + " | ".join(cell(s.get(k)) for s in runs.values()) + " |")
+            lines.append(f"| {k} | " + " | ".join(metric_cell(s.get(k)) for s in runs.values()) + " |")
     for label, key in (("edit s", "edit_s"), ("post-eval s", "post_eval_s"),
                        ("post-eval records/s", "post_eval_records_per_s"), ("edit records/s", "edit_records_per_s")):
         vals = [s["timings"].get(key) for s in runs.values()]
@@ -74,6 +63,7 @@ def main() -> int:
 
 def run_all(args: argparse.Namespace) -> None:
     """Evaluate the selected (dataset, run) pairs; each writes bench/results/eval_<dataset>_<run>/."""
+    require_data(CORPUS, DATA / "counterfact_subset500.json", DATA / "zsre_mend_eval_portability_gpt4.json")
     from kedit.editor import Editor
     from kedit.eval import Evaluator, load_dataset
     from kedit.eval.report import write

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import machine  # bench/machine.py (scripts run as bench/<name>.py)
+from common import CORPUS, DATA, RESULTS, machine, require_data  # bench/common.py (scripts run as bench/<name>.py)
 
 from kedit.arch import ArchitectureAdapter
 from kedit.commands.layers import parse_candidates
@@ -35,11 +35,8 @@ from kedit.layers.search import score_windows
 from kedit.models import load_model
 from kedit.stats import StatsSpec, second_moments
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {"counterfact": f"counterfact:{DATA / 'counterfact_subset500.json'}",
             "zsre": f"zsre:{DATA / 'zsre_mend_eval_portability_gpt4.json'}"}
-CORPUS = DATA / "wikitext-2-raw" / "wiki.test.raw"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 
@@ -79,6 +76,7 @@ def main() -> int:
                    help="layers brute force edits (default: --candidates); LGA and tracing still score every candidate")
     p.add_argument("--out", default=str(RESULTS / "layers.json"))
     args = p.parse_args()
+    require_data(CORPUS, *(Path(s.split(":", 1)[1]) for s in DATASETS.values()))
     t_run = time.perf_counter()
     partial = Path(args.out).with_suffix(".partial.json")
     config = {k: v for k, v in vars(args).items() if k not in ("minutes", "out", "test")}

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import machine  # bench/machine.py (scripts run as bench/<name>.py)
+from common import CORPUS, RESULTS, machine, require_data  # bench/common.py (scripts run as bench/<name>.py)
 from torch import nn
 
 import kedit.stats as stats_mod
@@ -30,10 +30,6 @@ from kedit.commands.stats import parse_layers
 from kedit.corpus import batches, open_corpus, pack_rows
 from kedit.models import load_model
 from kedit.tokens import pad_id
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-RESULTS = Path(__file__).resolve().parent / "results" / "stats.json"
-
 
 
 def timed(fn) -> float:
@@ -51,8 +47,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ablations", action="store_true", help="also time one-pass variants on --ablation-tokens")
     p.add_argument("--ablation-tokens", type=int, default=16_384)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS / "stats.json")
     args = p.parse_args()
+    require_data(CORPUS)
 
     model, tok = load_model("smollm2-135m")
     adapter = ArchitectureAdapter.from_model(model)

@@ -272,11 +272,7 @@ class ArchitectureAdapter:
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from last-block residuals ``[..., d_model]``: final norm, LM head, soft-capping."""
-        logits = self.lm_head(self.final_norm(h))
-        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return head_logits(self.model, self.final_norm(h), self.lm_head)
 
     @torch.no_grad()
     def probe(self) -> None:
@@ -306,6 +302,13 @@ class ArchitectureAdapter:
             "layout": self.layout, "d_model": self.d_model, "d_ff": self.d_ff, "tied_lm_head": self.tied,
             "final_norm": type(self.final_norm).__name__,
         }
+
+
+def head_logits(model: nn.Module, h: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
+    """Logits from final-norm outputs ``[..., d_model]``: the LM head, then the config's soft-capping if any."""
+    logits = (lm_head if lm_head is not None else model.get_output_embeddings())(h)
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _is_override(mapping: Mapping, key: str) -> bool:

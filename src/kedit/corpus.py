@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from kedit.errors import DatasetFormatError, InputFileError, KeditError, warn_cache_unwritable
+from kedit.io import iter_jsonl, write_text
 
 # Prefixes the self-sampled corpus starts from (ROME/MEMIT sample their templates the same way).
 PREFIXES = ("The", "In", "A", "It", "This", "When", "There", "One", "After", "Many", "He", "She", "We", "I",
@@ -103,69 +103,52 @@ def _text_pieces(path: Path) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with open(path, "rb") as f:  # decoded per line, so a bad byte is reported with its line
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputFileError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})"
-                                     ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetFormatError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            text = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DatasetFormatError(f"{path}:{lineno}: record has no string field {field!r}")
-            yield text
+    for lineno, record in iter_jsonl(path, DatasetFormatError, InputFileError):
+        text = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DatasetFormatError(f"{path}:{lineno}: record has no string field {field!r}")
+        yield text
 
 
 def sampled_corpus(model, tok, tokens: int, seed: int = 0, progress: bool = True, per_prefix: int = 32,
-                   max_new_tokens: int = 128) -> Corpus:
-    """Text sampled from ``model`` (top-k 50, seeded) until ``tokens`` tokens; cached as JSONL per model.
+                   max_new_tokens: int = 128, top_k: int = 50) -> Corpus:
+    """Text sampled from ``model`` (top-k, seeded) until ``tokens`` tokens; cached as JSONL per model.
 
-    Cached under ``kedit_home()/corpus/<fingerprint>-s<seed>-n<tokens>.jsonl``, written atomically.
+    Rows go ``per_prefix`` at a time to each of PREFIXES in turn; row ``r`` has its own seed
+    (kedit.generation), so the text does not depend on batching. All rows needed run as one batched call
+    (a second one tops up if rows stop early at EOS). Cached under
+    ``kedit_home()/corpus/<fingerprint>-s<seed>-n<tokens>.jsonl``.
     """
+    from kedit.generation import generate_ids, row_seed
     from kedit.models import kedit_home, model_fingerprint
-    from kedit.sampling import sample
+    from kedit.tokens import pad_id
 
     path = kedit_home() / "corpus" / f"{model_fingerprint(model)}-s{seed}-n{tokens}.jsonl"
     if not path.is_file():
-        from tqdm import tqdm
-
-        docs, n, r = [], 0, 0
-        bar = tqdm(total=tokens, unit="tok", desc="sampling corpus", file=sys.stderr,
-                   leave=False, disable=not progress)
+        prefix_ids = [tok(p)["input_ids"] for p in PREFIXES]
+        which = lambda r: (r // per_prefix) % len(PREFIXES)  # noqa: E731  (prefix index of row r)
+        docs: list[str] = []
+        n = 0
         while n < tokens:  # every sample holds at least its prefix, so this ends
-            texts = sample(model, tok, PREFIXES[r % len(PREFIXES)], per_prefix, max_new_tokens,
-                           seed=seed * 100_003 + r, top_k=50)
-            got = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
-            docs += texts
-            n, r = n + got, r + 1
-            bar.update(got)
-        bar.close()
+            # rows for the rest, 15% spare for rows that stop early at EOS: a top-up round costs another
+            # max_new_tokens sequential steps, spare rows in the same batch cost only their own compute
+            per_row = n / len(docs) if docs else max_new_tokens  # tokens per row so far
+            rows = range(len(docs), len(docs) + max(1, math.ceil(1.15 * (tokens - n) / max(per_row, 1))))
+            new = generate_ids(model, [prefix_ids[which(r)] for r in rows], max_new_tokens, top_k=top_k,
+                               seeds=[row_seed(seed, r) for r in rows], eos_token_id=tok.eos_token_id,
+                               pad_token_id=pad_id(tok), progress=progress, desc="sampling corpus")
+            for r, ids in zip(rows, new, strict=True):
+                text = PREFIXES[which(r)] + tok.decode(ids, skip_special_tokens=True)
+                docs.append(text)
+                n += len(tok(text, add_special_tokens=False)["input_ids"])
         text = "".join(json.dumps({"text": t}) + "\n" for t in docs)
         try:
-            _write_atomic(path, text)
+            write_text(path, text)
         except OSError as e:  # read-only KEDIT_HOME: the sampled text is still good for this run
             warn_cache_unwritable("sampled corpus", path, e)
             h = hashlib.sha256(b"jsonl\0text\0" + text.encode("utf-8"))  # = open_corpus(path) of that file
             return Corpus(path, "jsonl", h.hexdigest(), "text", docs=tuple(docs))
     return open_corpus(path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def bos_id(tok) -> int | None:

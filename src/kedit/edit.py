@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from safetensors.torch import save_file
 
 from kedit.arch import ArchitectureAdapter, WeightSnapshot
 from kedit.errors import BadRequest, EditFailed, EditOrderError, KeditError, NotWritable, PatchError
+from kedit.io import atomic_write
 from kedit.models import tensor_digest
 from kedit.requests import EditRequest, request_from_record
 from kedit.solvers import Delta
@@ -263,21 +263,11 @@ class Edit:
                 "requests": [r.to_dict() for r in self.requests]}
         # canonical text: the digest covers exactly the bytes stored in the file's metadata
         meta_json = json.dumps(json.loads(json.dumps(meta, default=str)), sort_keys=True)
+        header = {"kedit": meta_json, "kedit_sha256": content_digest(meta_json, tensors)}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+            return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         except OSError as e:
             raise NotWritable(f"cannot write {path} ({type(e).__name__}: {e.strerror or e})") from None
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"kedit": meta_json, "kedit_sha256": content_digest(meta_json, tensors)})
-            os.replace(tmp, path)
-        except OSError as e:
-            raise NotWritable(f"cannot write {path} ({type(e).__name__}: {e.strerror or e})") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
 
     @classmethod
     def load(cls, path: str | Path) -> Edit:

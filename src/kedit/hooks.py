@@ -150,6 +150,23 @@ class Trace:
         """``h_layer[rows, positions] = values`` (``values`` is ``[m, d]``)."""
         self.patch_block(layer, lambda h: h.index_put(_on(index, h), values.to(device=h.device, dtype=h.dtype)))
 
+    def patch_key_output(self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace W_out's output at ``layer`` by ``fn(out)`` (e.g. a fresh leaf that roots a gradient graph)."""
+        mod = self.adapter.w_out_modules[self.adapter.check_layer(layer)]
+
+        def hook(_m: Any, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            return fn(out)
+
+        self._handles.append(mod.register_forward_hook(hook))
+
+    def patch_embeddings(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the input embeddings' output ``e [B, T, d]`` by ``fn(e)`` (e.g. noise on subject tokens)."""
+
+        def hook(_m: Any, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            return fn(out)
+
+        self._handles.append(self.adapter.model.get_input_embeddings().register_forward_hook(hook))
+
     def stop_after(self, layer: int) -> None:
         """End the forward pass once block ``layer`` has run (``run`` then returns None)."""
         self._stop_layer = self.adapter.check_layer(layer)

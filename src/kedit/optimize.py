@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from kedit.arch import ArchitectureAdapter
+from kedit.generation import cache_kwargs
 from kedit.hooks import Trace, block_output, record_block_calls
 from kedit.tokens import TeacherForced
 
@@ -149,7 +150,7 @@ class _SuffixReplay:
         with record_block_calls(adapter.blocks[layer + 1:]) as self.calls, torch.no_grad(), Trace(adapter) as tr:
             tr.stop_after(adapter.n_layers - 1)
             tr.run(input_ids=lay.ids[:, lay.P:], attention_mask=lay.mask, position_ids=lay.pos[:, lay.P:],
-                   past_key_values=self.cache, use_cache=True)
+                   use_cache=True, **cache_kwargs(adapter.model, self.cache))  # no deprecated keyword
 
     def _reset(self) -> None:
         for c, (k, v) in zip(self.cache.layers, self.prefix):

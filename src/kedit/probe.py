@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from kedit.arch import input_device
+from kedit.generation import generate
 from kedit.tokens import pad_id, target_ids, teacher_forced
 
 
@@ -26,18 +27,9 @@ def target_probs(model, tok, prompts: list[str], targets: list[str]) -> list[flo
     return total.exp().tolist()
 
 
-@torch.no_grad()
 def greedy(model, tok, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
-    """Greedy continuations (text after the prompt), batched with left padding."""
-    device = input_device(model)  # the embedding's device (dispatch-aware)
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(prompts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tok.padding_side = side
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id(tok))
-    return [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+    """Greedy continuations (text after the prompt), batched; see kedit.generation."""
+    return generate(model, tok, prompts, max_new_tokens, top_k=1)
 
 
 def did_not_take(before: list[float], after: list[float]) -> list[int]:

@@ -7,13 +7,12 @@ Evaluation extras (``paraphrases``, ``neighbors``) ride along for the harness.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kedit.errors import BadRequest, InputFileError
+from kedit.io import read_records, read_text
 
 
 @dataclass(frozen=True)
@@ -144,13 +143,8 @@ def _list(rec: dict[str, Any], name: str) -> list[Any]:
 
 
 def read_text_file(path: Path, error: type[Exception] = InputFileError) -> str:
-    """UTF-8 text of ``path``; a non-UTF-8 byte raises ``error`` naming the file, line and byte."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise error(f"{path}:{line}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+    """UTF-8 text of ``path``; a non-UTF-8 byte raises ``error`` naming the file, line and byte (kedit.io)."""
+    return read_text(path, error)
 
 
 def read_requests(path: str | Path) -> list[EditRequest]:
@@ -158,25 +152,7 @@ def read_requests(path: str | Path) -> list[EditRequest]:
     path = Path(path)
     if not path.is_file():
         raise BadRequest(f"request file {path} does not exist")
-    text = read_text_file(path)
-    records: Iterable[tuple[str, Any]]
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadRequest(f"{path}: invalid JSON ({e})") from None
-        records = ((f"{path} record {i}", r) for i, r in enumerate(data))
-    else:
-        parsed = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                parsed.append((f"{path}:{i}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise BadRequest(f"{path}:{i}: invalid JSON ({e})") from None
-        records = parsed
-    out = [request_from_record(r, where) for where, r in records]
+    out = [request_from_record(r, where) for where, r in read_records(path, BadRequest, InputFileError)]
     if not out:
         raise BadRequest(f"{path} holds no requests")
     return out

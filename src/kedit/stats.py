@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
@@ -31,6 +29,7 @@ from kedit.arch import ArchitectureAdapter
 from kedit.corpus import batches, open_corpus, pack_rows, sampled_corpus
 from kedit.errors import StatsCacheError, warn_cache_unwritable
 from kedit.hooks import Trace
+from kedit.io import atomic_write
 
 STATS_VERSION = 1
 SITE = "w_out.input"  # k = the input of the MLP output projection (ARCHITECTURE §2.1), never an activation
@@ -257,15 +256,8 @@ def save_stats(path: Path, key: StatsKey, C: torch.Tensor, meta: dict) -> None:
 
     C = C.detach().to("cpu", torch.float64).contiguous()
     header = {"key": asdict(key), "sha256": _checksum(C), **meta}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"C": C}, tmp, metadata={"kedit_stats": json.dumps(header, default=str)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    meta_json = {"kedit_stats": json.dumps(header, default=str)}
+    atomic_write(path, lambda tmp: save_file({"C": C}, str(tmp), metadata=meta_json))
 
 
 def load_stats(path: Path, key: StatsKey | None = None) -> tuple[torch.Tensor, dict]:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 
 from kedit.errors import warn_cache_unwritable
+from kedit.io import write_json
 from kedit.models import kedit_home, model_fingerprint
 from kedit.sampling import sample
 
@@ -42,11 +41,7 @@ def context_templates(model, tok, seed: int = 0, n_per_prefix: int = 1, length: 
             clean = " ".join(text.replace("{", " ").replace("}", " ").split())
             templates.append(clean + ". {}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"spec": spec, "templates": templates}, f, indent=1)
-        os.replace(tmp, path)
+        write_json(path, {"spec": spec, "templates": templates}, indent=1)
     except OSError as e:  # read-only KEDIT_HOME: the sampled templates are still good for this run
         warn_cache_unwritable("templates", path, e)
     return templates

@@ -41,12 +41,18 @@ def _short(text: str, n: int = 60) -> str:
 
 @dataclass
 class Encoded:
+    """A prompt's token ids with the subject's span in them."""
+
     ids: list[int]
     decisive: int  # index of the subject's last token in ``ids``
+    first: int     # index of the subject's first token (causal tracing corrupts first..decisive)
 
 
 def encode_with_subject(tok, template: str, subject: str) -> Encoded:
-    """Tokenise ``template`` with ``subject`` written into its ``{}``; locate the subject's last token."""
+    """Tokenise ``template`` with ``subject`` written into its ``{}``; locate the subject's first and last tokens.
+
+    The first token is the first one overlapping the subject (a BPE token carrying its leading space counts).
+    """
     start = template.index("{}")
     text = template[:start] + subject + template[start + 2:]
     end = start + len(subject)
@@ -55,12 +61,14 @@ def encode_with_subject(tok, template: str, subject: str) -> Encoded:
         hits = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < end and e > start]
         if not hits:
             raise BadRequest(f"subject {subject!r} maps to no token in {text!r}")
-        return Encoded(list(enc["input_ids"]), hits[-1])
+        return Encoded(list(enc["input_ids"]), hits[-1], hits[0])
     ids = tok(text)["input_ids"]
     prefix = tok(text[:end])["input_ids"]
     if ids[: len(prefix)] != prefix:
         raise BadRequest(f"subject {subject!r} ends inside a token of {text!r}; cannot locate its last token")
-    return Encoded(list(ids), len(prefix) - 1)
+    # the text before the subject, its trailing space left to the subject's first token
+    first = min(len(tok(text[:start].rstrip())["input_ids"]), len(prefix) - 1)
+    return Encoded(list(ids), len(prefix) - 1, first)
 
 
 def continuation(prompt_text: str, target: str) -> str:
@@ -129,6 +137,17 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists: ``(input_ids [B, T], attention_mask [B, T])``, real tokens at the end of each row."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
     return ids, mask
 
 

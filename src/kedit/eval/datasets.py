@@ -8,14 +8,14 @@ naming the file, record index and field, or, with ``allow_skips``, is counted an
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kedit.errors import BadRequest, DatasetFormatError
-from kedit.requests import EditRequest, fill, read_text_file, request_from_record
+from kedit.io import read_records
+from kedit.requests import EditRequest, fill, request_from_record
 
 KINDS = ("counterfact", "easyedit", "zsre", "kedit")
 ZSRE_TARGETS = ("answers", "alt")  # answers[0]: ROME/MEMIT convention; alt: EasyEdit convention (METHODS §8)
@@ -78,20 +78,7 @@ def _read_records(path: Path) -> list[Any]:
     """A JSON list, or JSONL (one object per line; blank lines ignored)."""
     if not path.is_file():
         raise DatasetFormatError(f"dataset file {path} does not exist")
-    text = read_text_file(path, DatasetFormatError)
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DatasetFormatError(f"{path}: invalid JSON ({e})") from None
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DatasetFormatError(f"{path}:{i}: invalid JSON ({e})") from None
-    return out
+    return [record for _, record in read_records(path, DatasetFormatError)]
 
 
 def select_indices(total: int, n: int | None = None, offset: int = 0, sample_seed: int | None = None) -> list[int]:

@@ -1,4 +1,4 @@
-"""Batched teacher-forced scoring, next-token distributions and left-padded generation.
+"""Batched teacher-forced scoring, next-token distributions and fluency generation (kedit.generation).
 
 Many ``(prompt, target)`` pairs are scored in few forward passes: a pair needs the logits at the
 positions of ``prompt + target[:-1]`` that predict the target, so pairs whose sequence is a prefix
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kedit.tokens import pad_id, target_ids
+from kedit.arch import head_logits
+from kedit.generation import generate_ids, row_seed
+from kedit.tokens import pad_id, pad_left, pad_right, target_ids
 
 HEAD_CHUNK = 256  # scored positions per LM-head call: [256, V] fp32 is ~50 MB for a 49k vocabulary
 
@@ -59,9 +61,7 @@ class Scorer:
     # -- model plumbing ---------------------------------------------------------------------------
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states ``[m, d]`` (after the body's final norm) -> ``[m, V]``."""
-        logits = self.model.get_output_embeddings()(h)
-        cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return head_logits(self.model, h)
 
     @torch.no_grad()
     def _probe_head(self) -> bool:
@@ -88,16 +88,10 @@ class Scorer:
 
     def _pad(self, seqs: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Pad to ``[B, T]``; returns ids, mask and each row's offset of its first real token."""
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        offsets = []
-        for i, s in enumerate(seqs):
-            off = width - len(s) if self.padding_side == "left" else 0
-            ids[i, off:off + len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, off:off + len(s)] = 1
-            offsets.append(off)
-        return ids, mask, offsets
+        if self.padding_side == "right":
+            return (*pad_right(seqs, self.pad), [0] * len(seqs))
+        ids, mask = pad_left(seqs, self.pad)
+        return ids, mask, [ids.shape[1] - len(s) for s in seqs]
 
     # -- public API ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,44 +166,14 @@ class Scorer:
         for i, (lp, am) in per_pair.items():
             results[i] = PairScore(list(t_ids[i]), lp, am)
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_length: int = 100, top_k: int = 5, seed: int = 0,
                  batch_size: int = 32) -> list[str]:
-        """Sample continuations (top-k, KV cache, left padding); each text = prompt + new tokens.
+        """Sample continuations (top-k, seeded per row; see kedit.generation); each text = prompt + new tokens.
 
-        ROME's fluency protocol: sequences of ``max_length`` tokens in total. Seeded private generator.
+        ROME's fluency protocol: sequences of ``max_length`` tokens in total.
         """
-        gen = torch.Generator().manual_seed(seed)
-        dev, eos = _device(self.model), self.tok.eos_token_id
-        texts: list[str] = []
-        for s in range(0, len(prompts), batch_size):
-            enc = [self.tok(p)["input_ids"] for p in prompts[s:s + batch_size]]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), self.pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, e in enumerate(enc):
-                ids[i, width - len(e):], mask[i, width - len(e):] = torch.tensor(e), 1
-            ids, mask = ids.to(dev), mask.to(dev)
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            new, done = [], torch.zeros(len(enc), dtype=torch.bool)
-            for _ in range(max(max_length - min(len(e) for e in enc), 0)):
-                vals, idx = out.logits[:, -1].float().cpu().topk(top_k, dim=-1)  # [B, k]
-                nxt = idx.gather(1, torch.multinomial(vals.softmax(-1), 1, generator=gen))[:, 0]  # [B]
-                if eos is not None:
-                    nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-                    done |= nxt == eos
-                new.append(nxt)
-                if bool(done.all()):
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                pos = pos[:, -1:] + 1
-                out = self.model(input_ids=nxt[:, None].to(dev), attention_mask=mask, position_ids=pos,
-                                 past_key_values=out.past_key_values, use_cache=True)
-            gen_ids = torch.stack(new, 1).tolist() if new else [[] for _ in enc]
-            for e, row in zip(enc, gen_ids, strict=True):
-                row = row[: max_length - len(e)]
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos)]
-                texts.append(self.tok.decode(e + row, skip_special_tokens=True))
-        return texts
+        enc = [self.tok(p)["input_ids"] for p in prompts]
+        new = generate_ids(self.model, enc, [max(max_length - len(e), 0) for e in enc], top_k=top_k,
+                           seeds=[row_seed(seed, i) for i in range(len(enc))], eos_token_id=self.tok.eos_token_id,
+                           pad_token_id=self.pad, batch_size=batch_size)
+        return [self.tok.decode(e + row, skip_special_tokens=True) for e, row in zip(enc, new, strict=True)]

@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 import torch
 
+from kedit.io import write_json
 from kedit.requests import EditRequest, read_requests
 
 
@@ -35,7 +34,7 @@ def auto_layers(model: torch.nn.Module, tok: Any, method: str = "rome", window: 
     """
     from kedit.arch import ArchitectureAdapter
     from kedit.editor import default_layers
-    from kedit.layers import LGA
+    from kedit.layers.lga import LGA
     from kedit.models import kedit_home, model_fingerprint
     from kedit.solvers import SOLVERS
 
@@ -55,9 +54,5 @@ def auto_layers(model: torch.nn.Module, tok: Any, method: str = "rome", window: 
             pass  # unreadable cache entry: recompute and overwrite
     choice = selector.select(model, adapter, tok, proxy)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"layers": choice.layers, "spec": spec, "choice": choice.to_dict()}, f, default=str)
-        os.replace(tmp, path)
+        write_json(path, {"layers": choice.layers, "spec": spec, "choice": choice.to_dict()}, default=str)
     return choice.layers

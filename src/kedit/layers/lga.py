@@ -22,9 +22,7 @@ import torch
 from kedit.arch import ArchitectureAdapter
 from kedit.errors import BadRequest
 from kedit.hooks import Trace
-
-# kedit.layers defines these before it imports this module, so the cycle is safe
-from kedit.layers import LayerChoice, best_window, candidate_layers, check_proxy, tukey_fences
+from kedit.layers.base import LayerChoice, best_window, candidate_layers, check_proxy, tukey_fences
 from kedit.requests import EditRequest
 from kedit.tokens import TeacherForced, encode_with_subject, pad_id, target_ids, teacher_forced
 
@@ -78,37 +76,27 @@ def activation_gradients(model: torch.nn.Module, adapter: ArchitectureAdapter, t
     device = next(model.parameters()).device
     tf = _batch(tok, reqs, device)
     last = adapter.n_layers - 1
-    keys: dict[int, torch.Tensor] = {}
     outs: dict[int, torch.Tensor] = {}
 
-    def pre_hook(layer: int):
-        def hook(_m: Any, args: tuple) -> None:
-            keys[layer] = args[0].detach()
-        return hook
-
-    def out_hook(layer: int):
-        def hook(_m: Any, _args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+    def root(layer: int):
+        def fn(out: torch.Tensor) -> torch.Tensor:
             if not out.requires_grad:  # shallowest hooked layer: nothing upstream needs a gradient,
                 out = out.detach().requires_grad_()  # so a fresh leaf is exact and roots the graph
             outs[layer] = out
             return out
-        return hook
+        return fn
 
-    handles = []
-    try:
+    with torch.enable_grad(), Trace(adapter, detach=False) as tr:
         for l in layers:
-            mod = adapter.w_out_modules[l]
-            handles += [mod.register_forward_pre_hook(pre_hook(l)), mod.register_forward_hook(out_hook(l))]
-        with torch.enable_grad(), Trace(adapter, detach=False) as tr:
-            # logits only where targets are scored: the full [B, T, vocab] tensor is never built
-            tr.capture_block(last, (tf.rows, tf.positions))
-            tr.stop_after(last)
-            tr.run(input_ids=tf.input_ids, attention_mask=tf.attention_mask)
-            loss = _seq_nll(adapter, tr.blocks[last], tf).sum()
-            grads = torch.autograd.grad(loss, [outs[l] for l in layers], allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
+            tr.capture_key(l)
+            tr.patch_key_output(l, root(l))
+        # logits only where targets are scored: the full [B, T, vocab] tensor is never built
+        tr.capture_block(last, (tf.rows, tf.positions))
+        tr.stop_after(last)
+        tr.run(input_ids=tf.input_ids, attention_mask=tf.attention_mask)
+        loss = _seq_nll(adapter, tr.blocks[last], tf).sum()
+        grads = torch.autograd.grad(loss, [outs[l] for l in layers], allow_unused=True)
+    keys = {l: tr.keys[l].detach() for l in layers}
     # positions after a row's last scored position cannot influence its loss (causal): g = 0 there;
     # masking also keeps padding out whatever the attention implementation does with it
     mask = torch.zeros_like(tf.attention_mask, dtype=torch.bool)

@@ -26,9 +26,7 @@ from kedit import distributed
 from kedit.arch import ArchitectureAdapter
 from kedit.eval.datasets import EvalCase
 from kedit.eval.harness import Evaluator, case_metrics
-
-# kedit.layers defines these before it imports this module, so the cycle is safe
-from kedit.layers import LayerChoice, candidate_layers, check_proxy, window_starts
+from kedit.layers.base import LayerChoice, candidate_layers, check_proxy, window_starts
 from kedit.progress import bar
 from kedit.requests import EditRequest
 

@@ -15,9 +15,8 @@ result does not depend on the batch size, and the same noise is reused for every
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,71 +24,56 @@ import torch
 
 from kedit.arch import ArchitectureAdapter
 from kedit.hooks import Index, Trace
-
-# kedit.layers defines these before it imports this module, so the cycle is safe
-from kedit.layers import LayerChoice, best_window, candidate_layers, check_proxy
+from kedit.layers.base import LayerChoice, best_window, candidate_layers, check_proxy
 from kedit.requests import EditRequest
-from kedit.tokens import encode_with_subject, pad_id, pad_right, target_ids
+from kedit.tokens import Encoded, encode_with_subject, pad_id, pad_right, target_ids
 
 
 @dataclass
-class Encoded:
-    ids: list[int]
-    first: int   # first subject token
-    last: int    # decisive token (last subject token)
-    answer: int  # token whose probability is traced
+class Traced(Encoded):
+    """A prompt encoded with its subject span (kedit.tokens.Encoded) plus the answer token that is traced."""
+
+    answer: int
+
+    @property
+    def last(self) -> int:
+        """The decisive (last subject) token."""
+        return self.decisive
 
 
-def _encode(tok: Any, model: torch.nn.Module, r: EditRequest) -> Encoded:
-    """Prompt ids, subject span and answer token: first token of ``" " + target_true``.
+def _encode(tok: Any, model: torch.nn.Module, r: EditRequest) -> Traced:
+    """Prompt ids and subject span (kedit.tokens), and the answer token: first token of ``" " + target_true``.
 
     Without a target_true the clean model's own top prediction is traced (ROME's choice).
     """
     e = encode_with_subject(tok, r.prompt, r.subject)
-    start, text = r.prompt.index("{}"), r.filled
-    if getattr(tok, "is_fast", False):
-        offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
-        first = next(i for i, (s, t) in enumerate(offsets) if t > s and t > start)
-    else:  # the text before the subject, its trailing space left to the subject's first token
-        first = min(len(tok(text[:start].rstrip())["input_ids"]), e.decisive)
     if r.target_true is not None:
-        answer = target_ids(tok, text, r.target_true)[0]
+        answer = target_ids(tok, r.filled, r.target_true)[0]
     else:
         with torch.no_grad():
             x = torch.tensor([e.ids], device=next(model.parameters()).device)
             answer = int(model(input_ids=x).logits[0, -1].argmax())
-    return Encoded(e.ids, first, e.decisive, answer)
+    return Traced(e.ids, e.decisive, e.first, answer)
 
 
-def subject_embedding_std(model: torch.nn.Module, encs: Sequence[Encoded]) -> float:
+def subject_embedding_std(model: torch.nn.Module, encs: Sequence[Traced]) -> float:
     """Std of all coordinates of the subject tokens' input embeddings (float64)."""
     emb = model.get_input_embeddings()
     device = next(model.parameters()).device
     with torch.no_grad():
-        vecs = [emb(torch.tensor(e.ids[e.first:e.last + 1], device=device)) for e in encs]  # [s_i, d]
+        vecs = [emb(torch.tensor(e.ids[e.first:e.decisive + 1], device=device)) for e in encs]  # [s_i, d]
     return torch.cat(vecs).double().std().item()
-
-
-@contextlib.contextmanager
-def _noised(model: torch.nn.Module, noise: torch.Tensor) -> Iterator[None]:
-    """Add ``noise [B, T, d]`` to the input-embedding output while the context is open."""
-    def hook(_m: Any, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out + noise.to(out.dtype)
-    handle = model.get_input_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _answer_prob(adapter: ArchitectureAdapter, ids: torch.Tensor, mask: torch.Tensor, answers: torch.Tensor,
                  capture: tuple[Sequence[int], Index] | None = None,
-                 restore: tuple[int, Index, torch.Tensor] | None = None
+                 restore: tuple[int, Index, torch.Tensor] | None = None, noise: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """p(answer) at each row's last real position ``[B]``, and the blocks captured at ``capture``.
 
     ``capture = (layers, index)`` records block outputs; ``restore = (layer, index, values)``
-    overwrites block ``layer``'s output at ``index`` with ``values [m, d]``.
+    overwrites block ``layer``'s output at ``index`` with ``values [m, d]``; ``noise [B, T, d]`` is
+    added to the input embeddings.
     """
     last = adapter.n_layers - 1
     rows = torch.arange(ids.shape[0], device=ids.device)
@@ -101,6 +85,8 @@ def _answer_prob(adapter: ArchitectureAdapter, ids: torch.Tensor, mask: torch.Te
         return h
 
     with torch.no_grad(), Trace(adapter) as tr:
+        if noise is not None:
+            tr.patch_embeddings(lambda e: e + noise.to(e.dtype))
         if capture is not None:
             for l in capture[0]:
                 tr.capture_block(l, capture[1])
@@ -114,35 +100,34 @@ def _answer_prob(adapter: ArchitectureAdapter, ids: torch.Tensor, mask: torch.Te
     return probs[rows, answers].cpu().double(), tr.blocks
 
 
-def _trace_chunk(model: torch.nn.Module, adapter: ArchitectureAdapter, chunk: Sequence[Encoded],
+def _trace_chunk(model: torch.nn.Module, adapter: ArchitectureAdapter, chunk: Sequence[Traced],
                  layers: Sequence[int], noise_std: float, samples: int, seeds: Sequence[int],
                  pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``p_clean [n]``, ``p_corrupted [n]``, ``p_restored [n, L]`` for one chunk (means over samples)."""
     device = next(model.parameters()).device
     d = model.get_input_embeddings().weight.shape[1]
     n = len(chunk)
-    ids, mask = (x.to(device) for x in pad_right([e.ids for e in chunk], pad))     # [n, T]
+    ids, mask = (x.to(device) for x in pad_right([e.ids for e in chunk], pad))  # [n, T]
     answers = torch.tensor([e.answer for e in chunk], device=device)
-    dec = torch.tensor([e.last for e in chunk], device=device)
+    dec = torch.tensor([e.decisive for e in chunk], device=device)
     p_clean, clean = _answer_prob(adapter, ids, mask, answers, (layers, (torch.arange(n, device=device), dec)))
     # corrupted batch: row r belongs to request r // samples; noise only on subject tokens
     noise = torch.zeros(n * samples, ids.shape[1], d, dtype=torch.float64)         # [n*s, T, d]
     for i, (e, seed) in enumerate(zip(chunk, seeds, strict=True)):
         gen = torch.Generator().manual_seed(seed)
-        noise[i * samples:(i + 1) * samples, e.first:e.last + 1] = torch.randn(
-            samples, e.last - e.first + 1, d, generator=gen, dtype=torch.float64)
+        noise[i * samples:(i + 1) * samples, e.first:e.decisive + 1] = torch.randn(
+            samples, e.decisive - e.first + 1, d, generator=gen, dtype=torch.float64)
     noise = (noise * noise_std).to(device)
     rep = lambda x: x.repeat_interleave(samples, 0)  # noqa: E731
     ids_r, mask_r, ans_r = rep(ids), rep(mask), rep(answers)
     idx_r = (torch.arange(n * samples, device=device), rep(dec))
-    with _noised(model, noise):
-        p_cor = _answer_prob(adapter, ids_r, mask_r, ans_r)[0]                       # [n*s]
-        p_res = torch.stack([_answer_prob(adapter, ids_r, mask_r, ans_r, restore=(l, idx_r, rep(clean[l])))[0]
-                             for l in layers], 1)                                      # [n*s, L]
+    p_cor = _answer_prob(adapter, ids_r, mask_r, ans_r, noise=noise)[0]                # [n*s]
+    p_res = torch.stack([_answer_prob(adapter, ids_r, mask_r, ans_r, restore=(l, idx_r, rep(clean[l])), noise=noise)[0]
+                         for l in layers], 1)                                          # [n*s, L]
     return p_clean, p_cor.view(n, samples).mean(1), p_res.view(n, samples, len(layers)).mean(1)
 
 
-def indirect_effects(model: torch.nn.Module, adapter: ArchitectureAdapter, encs: Sequence[Encoded],
+def indirect_effects(model: torch.nn.Module, adapter: ArchitectureAdapter, encs: Sequence[Traced],
                      layers: Sequence[int], noise_std: float, samples: int, seed: int, pad: int,
                      batch_size: int = 8) -> dict[str, torch.Tensor]:
     """``p_clean [n]``, ``p_corrupted [n]`` and ``p_restored [n, L]`` (means over noise samples).

@@ -1,0 +1,58 @@
+"""Shared by the benchmark scripts: data locations, the machine description and table cells.
+
+Scripts run as ``bench/<name>.py`` (this folder is on ``sys.path``) and import ``from common import ...``.
+Real data lives beside the repository in ``../shared/data`` and is never copied into it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results"
+CORPUS = DATA / "wikitext-2-raw" / "wiki.test.raw"  # the statistics corpus of every benchmark
+
+
+def require_data(*paths: Path) -> None:
+    """Exit with a one-line 'skipped' note (status 0) if any of ``paths`` is absent: benchmarks need ../shared/data."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        print(f"{Path(sys.argv[0]).name}: skipped, data absent: {', '.join(missing)}", file=sys.stderr)
+        raise SystemExit(0)
+
+
+def machine() -> dict:
+    """CPU model, cores, library versions, torch threads, BLAS and the load average when the run started."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import transformers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "blas": "mkl" if torch.backends.mkl.is_available() else "other", "loadavg_start": os.getloadavg()}
+
+
+def metric_cell(entry: dict | None, ci: bool = True) -> str:
+    """A summary metric ``{"mean", "ci_low", "ci_high"}`` as ``0.123 [0.10, 0.15]`` (or ``0.123``); ``-`` if absent."""
+    if not entry or entry.get("mean") is None:
+        return "-"
+    return f"{entry['mean']:.3f} [{entry['ci_low']:.2f}, {entry['ci_high']:.2f}]" if ci else f"{entry['mean']:.3f}"
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table; floats are printed with 3 significant decimals, None as ``-``."""
+    def fmt(v: object) -> str:
+        return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
