@@ -81,9 +81,11 @@ def test_request_and_dataset_readers_use_it(tmp_path):
         _read_records(bad)
 
 
-def test_templates_cache_written_atomically(tiny_llama, tiny_tok, monkeypatch):
+def test_templates_cache_written_atomically(tiny_llama, tiny_tok, monkeypatch, tmp_path):
     """A failing write leaves no temp file in the templates cache (it did before kedit.io)."""
     import kedit.io
+
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path))  # an empty cache of its own: other tests fill the shared one
     from kedit.models import kedit_home
     from kedit.templates import context_templates
 
