@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_tiny
 
-import kedit.solvers as solvers_mod
+import kedit.solvers.base as solvers_mod
 from kedit.arch import ArchitectureAdapter
 from kedit.edit import Edit
 from kedit.editor import Editor

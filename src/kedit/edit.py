@@ -372,6 +372,18 @@ class Edit:
         return (f"Edit({len(self.requests)} requests, method={r.get('method')}, targets={r.get('targets')}, "
                 f"layers={self.layers}, applied={self.is_applied})")
 
+    def to_record(self, model=None) -> dict[str, Any]:
+        """JSON description written beside an export: format, kedit version, record, requests, base digests,
+        layers and, given ``model``, the base model's name and revision."""
+        import kedit
+        from kedit.models import model_info
+
+        info = model_info(model) if model is not None else None
+        return {"format": FORMAT, "kedit_version": kedit.__version__, "record": self.record,
+                "requests": [r.to_dict() for r in self.requests], "base_digests": self.base_digests,
+                "layers": self.layers, "base_model": info.name if info else None,
+                "base_revision": info.revision if info else None}
+
     def export(self, model, out_dir: str | Path, tokenizer=None, **kwargs: Any) -> Path:
         """Write ``model`` with this edit as a plain HF checkpoint in ``out_dir`` (kedit.export.export_edit)."""
         from kedit.export import export_edit

@@ -160,17 +160,6 @@ def write_checkpoint(model, out_dir: str | Path, tokenizer=None, *, max_shard_si
     return out
 
 
-def edit_record(edit, model=None) -> dict[str, Any]:
-    """What ``kedit-edit.json`` holds: format, kedit version, record, requests, base digests, layers, source."""
-    import kedit
-    from kedit.edit import FORMAT
-
-    return {"format": FORMAT, "kedit_version": kedit.__version__, "record": edit.record,
-            "requests": [r.to_dict() for r in edit.requests], "base_digests": edit.base_digests,
-            "layers": edit.layers, "base_model": getattr(model, "kedit_name", None),
-            "base_revision": getattr(model, "kedit_revision", None)}
-
-
 def export_edit(edit, model, out_dir: str | Path, tokenizer=None, *, max_shard_size: str | int = DEFAULT_SHARD,
                 overwrite: bool = False, force: bool = False) -> Path:
     """Write ``model`` with ``edit`` applied to ``out_dir`` as a plain HF checkpoint; returns the directory.
@@ -187,7 +176,7 @@ def export_edit(edit, model, out_dir: str | Path, tokenizer=None, *, max_shard_s
         edit.apply(model, force=force)
     try:
         return write_checkpoint(model, out, tokenizer, max_shard_size=max_shard_size, overwrite=overwrite,
-                                extra={RECORD_FILE: edit_record(edit, model)})
+                                extra={RECORD_FILE: edit.to_record(model)})
     finally:
         if applied_here:
             edit.undo()

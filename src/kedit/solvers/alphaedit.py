@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from kedit.solvers import Delta, LayerProblem, cache_keys, solve, work
+from kedit.solvers.base import Delta, LayerProblem, cache_keys, solve, work
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from kedit.solvers import PREFERRED_LAM, Delta, LayerProblem, cache_keys, solve, work
+from kedit.solvers.base import PREFERRED_LAM, Delta, LayerProblem, cache_keys, solve, work
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kedit.solvers import PREFERRED_LAM, Delta, LayerProblem, cache_keys, solve, work
+from kedit.solvers.base import PREFERRED_LAM, Delta, LayerProblem, cache_keys, solve, work
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kedit.solvers import Delta, LayerProblem, pack_mask, work
+from kedit.solvers.base import Delta, LayerProblem, pack_mask, work
 from kedit.solvers.memit import MEMIT
 
 
@@ -24,7 +24,7 @@ class _PostProcess:
     base: Any = field(default_factory=MEMIT)
 
     def __post_init__(self) -> None:
-        from kedit.solvers import make_solver  # defined after the registry imports this module
+        from kedit.solvers.base import make_solver  # the registry is filled once kedit.solvers is imported
 
         if isinstance(self.base, str):
             object.__setattr__(self, "base", make_solver(self.base))

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from kedit.solvers import Delta, LayerProblem, solve, work
+from kedit.solvers.base import Delta, LayerProblem, solve, work
 
 
 @dataclass(frozen=True)
