@@ -137,13 +137,15 @@ def _record(summary: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("model", model.get("name")), ("revision", model.get("revision")), ("dtype", model.get("dtype")),
             ("fingerprint", model.get("fingerprint")), ("method", ed.get("method")), ("targets", ed.get("targets")),
             ("layers", ed.get("layers")), ("hyperparameters", json.dumps(hyper, default=str) if hyper else "-"),
-            ("dataset", ds.get("spec")), ("slice", json.dumps(ds.get("selection"), default=str)),
-            ("records", f"{ds.get('n_loaded')} loaded of {ds.get('n_records_in_file')} "
-                        f"({ds.get('n_skipped', 0)} skipped)"),
+            ("dataset", ds.get("spec")),
+            ("slice", json.dumps(ds["selection"], default=str) if "selection" in ds else None),
+            ("records", f"{ds['n_loaded']} loaded of {ds.get('n_records_in_file')} ({ds.get('n_skipped', 0)} skipped)"
+             if "n_loaded" in ds else None),
             ("protocol", json.dumps(proto, default=str)), ("command", cfg.get("command"))]
     t = summary.get("timings", {})
-    rows.append(("timings (s)", ", ".join(f"{k[:-2]} {v:.1f}" for k, v in t.items()
-                                          if k.endswith("_s") and isinstance(v, (int, float)))))
+    secs = {k[:-2]: v for k, v in t.items() if k.endswith("_s") and not k.endswith("per_s")
+            and isinstance(v, (int, float))}
+    rows.append(("timings (s)", ", ".join(f"{k} {v:.1f}" for k, v in secs.items())))
     return [(k, "-" if v is None else str(v)) for k, v in rows]
 
 
