@@ -236,3 +236,45 @@ def test_health_in_sequential_mode_after_every_batch(bigram, tmp_path):
     assert rep.summary["health_perplexity"]["pre"]["mean"] == pytest.approx(ppl[0])
     assert rep.summary["health_kl"]["pre"]["mean"] == 0.0 and rep.summary["health_kl"]["mean"] > 0
     assert rep.config["evaluator"]["health"]["n_prompts"] == 3
+
+
+# -- CLI ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method, extra", [("none", ["--health-corpus", "CORPUS"]), ("memit", ["--single"])])
+def test_cli_mquake_with_health_on_tiny_model(tmp_path, tiny_tok, capsys, method, extra):
+    from conftest import SHARED, make_tiny
+
+    from kedit.cli import main
+
+    data = SHARED / "mquake_cf3k_akew_subset354.json"
+    if not data.is_file():
+        pytest.skip("shared MQuAKE data not present")
+    model_dir = tmp_path / "tiny"
+    make_tiny("llama", tiny_tok).save_pretrained(model_dir)
+    tiny_tok.save_pretrained(model_dir)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The capital of France is Paris. Water boils at one hundred degrees.\n" * 30)
+    out = tmp_path / "run"
+    extra = [str(corpus) if a == "CORPUS" else a for a in extra]
+    rc = main(["eval", "--model", str(model_dir), "--method", method, "--dataset", f"mquake:{data}", "--n", "2",
+               "--offset", "1", "--tokens", "1000", "--health", "--health-tokens", "128", "--multihop-tokens", "4",
+               "--out", str(out), "--json", "--no-plots", *extra])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    for key in ("edit_wise_score", "edit_wise_acc", "multihop_acc", "multihop_score", "hopwise_acc",
+                "health_perplexity", "health_top1_agreement", "health_kl"):
+        assert s[key]["n"] >= 1 and s[key]["pre"]["n"] >= 1, key
+    assert s["caveats"] and "alias" in s["caveats"][0] and (out / "report.html").is_file()
+    health = s["config"]["evaluator"]["health"]
+    assert health["tokens"] == 128 and (health["corpus"] == str(corpus)) == (method == "none")
+    if method == "memit":  # case index 1 has two rewrites, applied as one batch (per-case protocol)
+        assert s["evaluated"].startswith("per case") and len(s["health_trajectory"]) == 3
+        assert s["edit_wise_score"]["mean"] >= s["edit_wise_score"]["pre"]["mean"]
+    else:
+        assert s["health_kl"]["mean"] == 0.0 and s["health_top1_agreement"]["mean"] == 1.0
+
+
+def test_cli_health_flags_need_health(tmp_path, capsys):
+    from kedit.cli import main
+
+    assert main(["eval", "--model", "x", "--method", "none", "--dataset", "mquake:x", "--health-corpus", "c"]) == 2
+    assert "--health-corpus / --health-tokens need --health" in capsys.readouterr().err
