@@ -64,7 +64,8 @@ def run_protocol(ev: Evaluator, cases: list[EvalCase], editor: EditorLike | None
                   "dtype": str(param.dtype).removeprefix("torch."), "device": str(param.device)}
     t_start, gen0 = time.perf_counter(), ev.generation_s
     # pre-edit scores depend only on the weights and the cases: reuse them across editors (same fingerprint)
-    key = (model_info["fingerprint"], tuple(cases), ev.fluency, ev.fluency_prompts, ev.fluency_length)
+    key = (model_info["fingerprint"], tuple(cases), ev.fluency, ev.fluency_prompts, ev.fluency_length,
+           ev.multihop_tokens)
     cached = ev.pre_cache is not None and ev.pre_cache[0] == key
     pre = ev.pre_cache[1] if cached else ev.measure(cases)
     ev.pre_cache = (key, pre)  # only the latest: bounds memory (next-token dists are [V] per prompt)
