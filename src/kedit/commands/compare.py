@@ -28,7 +28,7 @@ def _name(path: str, summary: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     """Print post-edit means side by side (and eval throughput), write the comparison PNG."""
     from kedit.eval.html import compare_page
-    from kedit.eval.report import _atomic, load_summary, metric_keys, plot_compare, plot_health
+    from kedit.eval.report import ORDER, load_summary, metric_keys, plot_compare, plot_health, write_atomic
 
     try:
         runs = [(_name(r, s), s) for r, s in ((r, load_summary(r)) for r in args.runs)]
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     keys = []
     for _, s in runs:
         keys += [k for k in metric_keys(s) if k not in keys]
+    keys.sort(key=lambda k: (ORDER.index(k) if k in ORDER else len(ORDER), k))  # runs of different datasets
     table = {k: {name: s.get(k, {}).get("mean") for name, s in runs} for k in keys}
     rates = {name: s.get("timings", {}).get("post_eval_records_per_s") for name, s in runs}
     if args.json:
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         pngs.append(png.with_name(png.stem + "_health.png"))
         plot_health(health, pngs[-1])
     html = Path(args.html) if args.html else png.with_name("compare.html")
-    _atomic(html, compare_page(runs, pngs))
+    write_atomic(html, compare_page(runs, pngs, keys))
     if not args.json:
         print(f"wrote {', '.join(map(str, pngs))}, {html}")
     return 0

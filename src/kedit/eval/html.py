@@ -193,11 +193,9 @@ def _case_rows(cases: list[dict[str, Any]], keys: list[str], worst: str) -> list
     return rows
 
 
-def run_page(summary: dict[str, Any], cases: list[dict[str, Any]], pngs: list[Path]) -> str:
-    """The report.html of one ``kedit eval`` run (summary.json content, cases.jsonl records, plot files)."""
-    from kedit.eval.report import metric_keys
-
-    keys = metric_keys(summary)
+def run_page(summary: dict[str, Any], cases: list[dict[str, Any]], pngs: list[Path], keys: list[str]) -> str:
+    """The report.html of one ``kedit eval`` run: summary.json content, cases.jsonl records, plot files,
+    and the summary's metric keys in display order (kedit.eval.report.metric_keys)."""
     families = [(fam, [{"name": k, "post": _cell(summary[k]), "pre": _cell(summary[k].get("pre")),
                         "n": summary[k].get("n"), "convention": summary[k].get("convention", ""),
                         "better": {True: "higher", False: "lower", None: "-"}[
@@ -219,14 +217,8 @@ def run_page(summary: dict[str, Any], cases: list[dict[str, Any]], pngs: list[Pa
         worst_key=worst, config=json.dumps(summary.get("config", {}), indent=1, default=str))
 
 
-def compare_page(runs: list[tuple[str, dict[str, Any]]], pngs: list[Path]) -> str:
-    """The HTML page of ``kedit compare``: runs' records, every metric side by side, plots."""
-    from kedit.eval.report import metric_keys
-
-    keys: list[str] = []
-    for _, s in runs:
-        keys += [k for k in metric_keys(s) if k not in keys]
-    keys.sort(key=lambda k: (M.ORDER.index(k) if k in M.ORDER else len(M.ORDER), k))
+def compare_page(runs: list[tuple[str, dict[str, Any]]], pngs: list[Path], keys: list[str]) -> str:
+    """The HTML page of ``kedit compare``: runs' records, every metric (``keys``, display order) side by side."""
 
     def cell(s: dict[str, Any], k: str) -> str:
         e = s.get(k)

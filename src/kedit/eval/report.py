@@ -99,9 +99,9 @@ def write(report: Report, out: str | Path, plots: bool = True, html: bool = True
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_dict(report)
-    _atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
-    _atomic(out / "cases.jsonl", "".join(json.dumps(rec, default=str) + "\n" for rec in report.cases))
-    _atomic(out / "summary.md", markdown(summary))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
+    write_atomic(out / "cases.jsonl", "".join(json.dumps(rec, default=str) + "\n" for rec in report.cases))
+    write_atomic(out / "summary.md", markdown(summary))
     pngs = []
     if plots:
         plot_metrics(summary, out / "metrics.png")
@@ -111,11 +111,12 @@ def write(report: Report, out: str | Path, plots: bool = True, html: bool = True
             plot_health([("run", report.health)], out / "health.png")
             pngs.append(out / "health.png")
     if html:
-        _atomic(out / "report.html", run_page(summary, report.cases, pngs))
+        write_atomic(out / "report.html", run_page(summary, report.cases, pngs, metric_keys(summary)))
     return out
 
 
-def _atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling and rename it over ``path`` (no half-written file)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
