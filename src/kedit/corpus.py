@@ -14,12 +14,12 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from kedit.errors import DatasetFormatError, KeditError
+from kedit.errors import DatasetFormatError, InputFileError, KeditError, warn_cache_unwritable
 
 # Prefixes the self-sampled corpus starts from (ROME/MEMIT sample their templates the same way).
 PREFIXES = ("The", "In", "A", "It", "This", "When", "There", "One", "After", "Many", "He", "She", "We", "I",
@@ -36,10 +36,14 @@ class Corpus:
     kind: str
     identity: str
     text_field: str = "text"
+    # in-memory documents: a sampled corpus whose cache file could not be written (read-only KEDIT_HOME)
+    docs: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
 
     def documents(self) -> Iterator[str]:
         """Documents in a fixed order; a text file yields line-aligned pieces of one document."""
-        if self.kind == "jsonl":
+        if self.docs is not None:
+            yield from self.docs
+        elif self.kind == "jsonl":
             yield from _jsonl_documents(self.path, self.text_field)
         elif self.kind == "dir":
             for f in _dir_files(self.path):
@@ -99,8 +103,13 @@ def _text_pieces(path: Path) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded per line, so a bad byte is reported with its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputFileError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+                                     ) from None
             if not line.strip():
                 continue
             try:
@@ -137,7 +146,13 @@ def sampled_corpus(model, tok, tokens: int, seed: int = 0, progress: bool = True
             n, r = n + got, r + 1
             bar.update(got)
         bar.close()
-        _write_atomic(path, "".join(json.dumps({"text": t}) + "\n" for t in docs))
+        text = "".join(json.dumps({"text": t}) + "\n" for t in docs)
+        try:
+            _write_atomic(path, text)
+        except OSError as e:  # read-only KEDIT_HOME: the sampled text is still good for this run
+            warn_cache_unwritable("sampled corpus", path, e)
+            h = hashlib.sha256(b"jsonl\0text\0" + text.encode("utf-8"))  # = open_corpus(path) of that file
+            return Corpus(path, "jsonl", h.hexdigest(), "text", docs=tuple(docs))
     return open_corpus(path)
 
 

@@ -15,9 +15,10 @@ def sample(model, tok, prefix: str, n: int, max_new_tokens: int, seed: int, top_
 
     Never runs past the model's context length (``max_new_tokens`` is cut to what fits).
     """
+    from kedit.arch import input_device
     from kedit.stats import effective_max_length
 
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's device (dispatch-aware)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.tensor([tok(prefix)["input_ids"]] * n, device=device)  # [n, t]
     max_new_tokens = min(max_new_tokens, effective_max_length(model, ids.shape[1] + max_new_tokens) - ids.shape[1])

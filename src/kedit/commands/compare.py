@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -17,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="eval output directories (or summary.json files)")
     p.add_argument("--png", default=None, help="comparison plot path (default: DIR1/../compare.png)")
     p.add_argument("--html", default=None, help="one-page HTML report (default: compare.html beside the plot)")
-    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--json", action="store_true", help="print the table as JSON (default: a text table)")
 
 
 def _name(path: str, summary: dict) -> str:
@@ -30,11 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from kedit.eval.html import compare_page
     from kedit.eval.report import ORDER, load_summary, metric_keys, plot_compare, plot_health, write_atomic
 
-    try:
-        runs = [(_name(r, s), s) for r, s in ((r, load_summary(r)) for r in args.runs)]
-    except FileNotFoundError as e:
-        print(f"kedit compare: error: {e}", file=sys.stderr)
-        return 2
+    runs = [(_name(r, s), s) for r, s in ((r, load_summary(r)) for r in args.runs)]  # errors name the file
     keys = []
     for _, s in runs:
         keys += [k for k in metric_keys(s) if k not in keys]
@@ -54,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
         print("post-eval records/s".ljust(w) + " | " + " | ".join(c.rjust(len(n)) for c, n in zip(cells, names,
                                                                                                strict=True)))
     png = Path(args.png) if args.png else Path(args.runs[0]).resolve().parent / "compare.png"
+    if not args.png:
+        from kedit.commands._common import check_writable
+
+        check_writable(png, "file", "compare.png")
     plot_compare(runs, png)
     pngs = [png]
     health = [(name, s["health_trajectory"]) for name, s in runs if len(s.get("health_trajectory") or []) > 1]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit.errors import BadRequest, DatasetFormatError
-from kedit.requests import EditRequest, fill, request_from_record
+from kedit.requests import EditRequest, fill, read_text_file, request_from_record
 
 KINDS = ("counterfact", "easyedit", "zsre", "mquake", "kedit")
 ZSRE_TARGETS = ("answers", "alt")  # answers[0]: ROME/MEMIT convention; alt: EasyEdit convention (METHODS §8)
@@ -99,7 +99,7 @@ def _read_records(path: Path) -> list[Any]:
     """A JSON list, or JSONL (one object per line; blank lines ignored)."""
     if not path.is_file():
         raise DatasetFormatError(f"dataset file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, DatasetFormatError)
     if text.lstrip().startswith("["):
         try:
             return json.loads(text)
