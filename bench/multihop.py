@@ -62,6 +62,7 @@ def run_all(args: argparse.Namespace) -> None:
             s = json.loads(out.read_text())
             s["timings"]["wall_s"] = time.perf_counter() - t0
             s["config"]["machine"] = info
+            s["config"]["kedit_command"] = "kedit " + " ".join(argv)  # config.command is this script's argv
             out.write_text(json.dumps(s, indent=1, default=str))
 
 
@@ -81,7 +82,8 @@ def table(name: str, keys: tuple[str, ...], runs: dict[str, dict]) -> list[str]:
                        ("wall s", "wall_s")):
         vals = [s["timings"].get(key) for s in runs.values()]
         lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in vals) + " |")
-    return lines + ["", "Evaluated: " + "; ".join(f"{r}: {s['evaluated']}" for r, s in runs.items()), ""]
+    lines += ["", "Evaluated: " + "; ".join(f"{r}: {s['evaluated']}" for r, s in runs.items()), "", "Commands:", ""]
+    return lines + [f"- `{s['config']['kedit_command']}`" for s in runs.values()] + [""]
 
 
 def write_table() -> int:
@@ -90,7 +92,9 @@ def write_table() -> int:
         for run in RUNS:
             f = RESULTS / f"{ds}_{run}" / "summary.json"
             if f.is_file():
-                out.setdefault(ds, {})[run] = json.loads(f.read_text())
+                s = json.loads(f.read_text())
+                s["config"].setdefault("kedit_command", "kedit " + " ".join(command(ds, run, s["n_cases"])))
+                out.setdefault(ds, {})[run] = s
     if not out:
         print("no results under bench/results/{mquake,portability}_*", file=sys.stderr)
         return 1
