@@ -27,6 +27,7 @@ th{background:#eef2f7}th.sort{cursor:pointer}td.num{text-align:right;font-varian
 tr.fam td{background:#f6f6f6;font-weight:bold}.conv{color:#666;font-size:.9em}.bad{background:#fde7e7}
 .good{background:#e7f6e9}img{max-width:100%;border:1px solid #ddd;margin:.4em 0}
 pre{white-space:pre-wrap;background:#f7f7f7;padding:.5em;font-size:.8em}.caveat{color:#8a5a00}
+#cases td.txt{min-width:170px}#cases td.gen{min-width:420px;font-size:.8em;white-space:pre-wrap}
 """
 
 _SORT_JS = """
@@ -73,10 +74,10 @@ _RUN = """<!DOCTYPE html>
 <table id="cases" class="sortable"><thead><tr><th>case</th><th>prompt</th><th>target (new / true)</th>
 <th>p_new pre</th><th>p_new post</th>{% for k in case_keys %}<th>{{ k }} post</th>{% endfor %}
 <th>generations (pre &rarr; post)</th></tr></thead><tbody>
-{% for r in rows %}<tr><td>{{ r.id }}</td><td>{{ r.prompt }}</td><td>{{ r.target }}</td>
+{% for r in rows %}<tr><td>{{ r.id }}</td><td class="txt">{{ r.prompt }}</td><td class="txt">{{ r.target }}</td>
 <td class="num" data-v="{{ r.p_pre_v }}">{{ r.p_pre }}</td><td class="num" data-v="{{ r.p_post_v }}">{{ r.p_post }}</td>
 {% for v, cls in r.vals %}<td class="num {{ cls }}" data-v="{{ v[1] }}">{{ v[0] }}</td>{% endfor %}
-<td>{% for g in r.gens %}<div>{{ g }}</div>{% endfor %}</td></tr>{% endfor %}
+<td class="gen">{% for g in r.gens %}<div>{{ g }}</div>{% endfor %}</td></tr>{% endfor %}
 </tbody></table>
 <h2>Configuration</h2><pre>{{ config }}</pre>
 <script>{{ js }}</script>
