@@ -178,7 +178,7 @@ def test_report_files_and_compare(bigram, tmp_path, capsys):
     for name, editor in (("a", FakeEditor(model, W["in"], W["Antarctica"])), ("b", None)):
         write(ev.run(cases, editor, extra_config={"dataset": {"spec": "mem"}}), tmp_path / name)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == ["cases.jsonl", "metrics.png", "p_new_scatter.png", "summary.json", "summary.md"]
+    assert files == ["cases.jsonl", "metrics.png", "p_new_scatter.png", "report.html", "summary.json", "summary.md"]
     s = load_summary(tmp_path / "a")
     for key in ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_acc",
                 "neighborhood_kl", "top1_overlap", "top5_overlap", "top10_overlap"):

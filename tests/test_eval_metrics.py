@@ -94,3 +94,28 @@ def test_every_summary_key_has_a_convention():
                 "neighborhood_kl", "top1_overlap", "fluency", "efficacy_token_acc", "specificity_agreement",
                 "specificity_loc_acc"):
         assert M.CONVENTIONS[key]
+
+
+def test_one_metric_table_feeds_every_list():
+    from kedit.eval import report
+    from kedit.layers import search
+
+    assert report.ORDER == tuple(M.METRICS) and set(M.CONVENTIONS) == set(M.METRICS)
+    assert search.SCORE_KEYS == {"counterfact": ("efficacy_score", "paraphrase_score", "neighborhood_score"),
+                                 "zsre": ("efficacy_token_acc", "generalization_token_acc", "specificity_agreement")}
+    assert all(m.family and m.convention for m in M.METRICS.values())
+    assert M.METRICS["neighborhood_kl"].higher_is_better is False and M.METRICS["p_new"].higher_is_better is None
+
+
+def test_harness_and_protocol_import_no_cycle():
+    import ast
+    import inspect
+
+    from kedit.eval import protocol, results
+
+    for mod in (protocol, results):  # neither imports the harness at run time (TYPE_CHECKING only)
+        tree = ast.parse(inspect.getsource(mod))
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", "") == "TYPE_CHECKING" for n in ast.walk(node)}
+        runtime = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and id(n) not in typing_only]
+        assert "kedit.eval.harness" not in runtime, mod.__name__

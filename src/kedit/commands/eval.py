@@ -1,6 +1,7 @@
-"""``kedit eval``: evaluate an editing method (or the unedited model) on CounterFact / zsRE / kedit data.
+"""``kedit eval``: evaluate an editing method (or the unedited model) on CounterFact / zsRE / MQuAKE / kedit data.
 
-Writes DIR/summary.json, DIR/cases.jsonl, DIR/summary.md and PNG plots; ``--json`` prints the summary.
+Writes DIR/summary.json, DIR/cases.jsonl, DIR/summary.md, PNG plots and DIR/report.html (one
+self-contained page); ``--json`` prints the summary.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from kedit.commands._common import (
 )
 from kedit.errors import UsageError
 
+HEALTH_TOKENS = 4096  # default health perplexity slice: 16 rows of 256 tokens
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Model and editor options shared with `kedit edit`, plus dataset, protocol and output options."""
     add_model_args(p)
     add_editor_args(p, allow_none=True)  # the same editor options as `kedit edit`, plus --method none
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help="KIND:PATH with KIND in counterfact, easyedit, zsre, kedit")
+    g.add_argument("--dataset", required=True,
+                   help="KIND:PATH with KIND in counterfact, easyedit, zsre (portability when present), mquake, kedit")
     g.add_argument("--n", type=positive_int, default=None, help="number of records (default: all)")
     g.add_argument("--offset", type=nonneg_int, default=0, help="first record index")
     g.add_argument("--sample-seed", type=nonneg_int, default=None,
@@ -51,6 +55,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--references", default=None,
                    help="JSON {case_id: [texts]} of reference texts for consistency (needs --fluency)")
     g.add_argument("--max-tokens", type=positive_int, default=4096, help="padded tokens per scoring forward pass")
+    g.add_argument("--multihop-tokens", type=nonneg_int, default=16,
+                   help="MQuAKE: greedy answer budget in new tokens; 0: teacher-forced metrics only")
+    g = p.add_argument_group("model health")
+    g.add_argument("--health", action="store_true", help="model health before/after (and after every batch with "
+                   "--sequential): perplexity on a fixed corpus slice, unrelated-prompt top-1 agreement and KL")
+    g.add_argument("--health-corpus", default=None,
+                   help="health perplexity text: file, directory or JSONL (default: the statistics corpus)")
+    g.add_argument("--health-tokens", type=positive_int, default=None,
+                   help="tokens of the health perplexity slice (default: 4096)")
     p.add_argument("--out", default=None, help="output directory (default: runs/eval-<method>-<time>)")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots (default: write them)")
     p.add_argument("--json", action="store_true", help="print summary.json on stdout (default: a markdown table)")
@@ -65,6 +78,19 @@ def _with_references(cases, path: str):
     return [dataclasses.replace(c, references=tuple(refs.get(str(c.case_id), c.references))) for c in cases]
 
 
+def _health(args: argparse.Namespace, model, tok, progress: bool):
+    """The Health probe: --health-corpus, else the statistics corpus (--corpus, else text sampled from the model)."""
+    from kedit.commands._common import stats_spec
+    from kedit.corpus import open_corpus, sampled_corpus
+    from kedit.eval.health import Health
+
+    spec = stats_spec(args)
+    source = args.health_corpus or spec.corpus
+    # the self-sampled corpus is the one the statistics use (same budget and seed: one cached file)
+    corpus = open_corpus(source) if source else sampled_corpus(model, tok, spec.tokens, spec.seed, progress=progress)
+    return Health(model, tok, corpus, tokens=args.health_tokens or HEALTH_TOKENS)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load data and model, run the protocol, write DIR; returns the exit status."""
     from kedit.eval import Evaluator, load_dataset
@@ -72,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.eval_every_batch and not args.sequential:
         raise UsageError("--eval-every-batch needs --sequential")
+    if (args.health_corpus or args.health_tokens) and not args.health:
+        raise UsageError("--health-corpus / --health-tokens need --health")
     if args.sequential and not args.batch_size:
         raise UsageError("--sequential needs --batch-size B")
     out = Path(args.out or f"runs/eval-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -86,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     editor = None if args.method == "none" else make_editor(args, model, tok, verbose=verbose(args))
     progress = verbose(args) and sys.stderr.isatty()
+    health = _health(args, model, tok, progress) if args.health else None
     ev = Evaluator(model, tok, max_tokens=args.max_tokens, fluency=args.fluency, fluency_prompts=args.fluency_prompts,
-                   seed=args.seed, progress=progress)
+                   seed=args.seed, progress=progress, multihop_tokens=args.multihop_tokens, health=health)
     mode = "single" if args.single else "sequential" if args.sequential else "batch"
     report = ev.run(cases, editor, mode=mode, batch_size=args.batch_size, eval_every_batch=args.eval_every_batch,
                     extra_config={"dataset": data.describe(), "command": " ".join(sys.argv),
@@ -97,5 +126,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary_dict(report), indent=1, default=str))
     else:
         print(markdown(summary_dict(report)).split("\n```json")[0])
-        print(f"wrote {out}/summary.json, cases.jsonl, summary.md" + ("" if args.no_plots else ", *.png"))
+        print(f"wrote {out}/summary.json, cases.jsonl, summary.md" + ("" if args.no_plots else ", *.png")
+              + ", report.html")
     return 0

@@ -1,6 +1,7 @@
-"""Evaluation datasets -> ``EvalCase``: CounterFact (ROME / MCF JSON), EasyEdit flat CounterFact, zsRE, kedit JSONL.
+"""Evaluation datasets -> ``EvalCase``: CounterFact (ROME / MCF JSON), EasyEdit flat CounterFact, zsRE
+(with EasyEdit ``portability`` when present), MQuAKE (multi-hop, 1-4 rewrites per case), kedit JSONL.
 
-A dataset is named by a spec string ``KIND:PATH`` (``counterfact``, ``easyedit``, ``zsre``, ``kedit``).
+A dataset is named by a spec string ``KIND:PATH`` (``counterfact``, ``easyedit``, ``zsre``, ``mquake``, ``kedit``).
 The slice (offset, n, seeded sample) is chosen on record indices *before* parsing, so the same
 spec and slice always name the same records; a malformed record raises ``DatasetFormatError``
 naming the file, record index and field, or, with ``allow_skips``, is counted and reported.
@@ -17,8 +18,20 @@ from kedit.errors import BadRequest, DatasetFormatError
 from kedit.io import read_records
 from kedit.requests import EditRequest, fill, request_from_record
 
-KINDS = ("counterfact", "easyedit", "zsre", "kedit")
+KINDS = ("counterfact", "easyedit", "zsre", "mquake", "kedit")
 ZSRE_TARGETS = ("answers", "alt")  # answers[0]: ROME/MEMIT convention; alt: EasyEdit convention (METHODS §8)
+
+
+@dataclass(frozen=True)
+class MultiHop:
+    """What MQuAKE scores beyond the edits: multi-hop questions and the post-edit single hops."""
+
+    questions: tuple[str, ...]
+    answer: str                                 # pre-edit multi-hop answer
+    answer_aliases: tuple[str, ...]
+    new_answer: str                             # answer once every rewrite of the case is applied
+    new_answer_aliases: tuple[str, ...]
+    new_single_hops: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # (cloze, answer, aliases)
 
 
 @dataclass(frozen=True)
@@ -39,10 +52,18 @@ class EvalCase:
     references: tuple[str, ...] = ()            # reference texts about the new object (consistency)
     loc: str | None = None
     loc_ans: str | None = None
+    portability: tuple[tuple[str, str], ...] = ()  # (New Question, New Answer) pairs (zsRE + EasyEdit)
+    edits: tuple[EditRequest, ...] = ()         # every rewrite of a multi-edit case (MQuAKE); () = (request,)
+    multihop: MultiHop | None = None
 
     @property
     def case_id(self) -> str | int:
         return self.request.case_id if self.request.case_id is not None else self.index
+
+    @property
+    def requests(self) -> tuple[EditRequest, ...]:
+        """The edit requests this case applies (one batch per case in single mode)."""
+        return self.edits or (self.request,)
 
 
 @dataclass
@@ -160,8 +181,52 @@ def _zsre(rec: Any, where: str, zsre_target: str = "answers", **_: Any) -> dict[
     req = EditRequest(prompt=_template(src, subject, where, "src"), subject=subject, target_new=new,
                       target_true=true, case_id=rec.get("case_id"))
     # ROME's zsRE neighborhood prompt is `loc + "?"`, scored against " " + loc_ans
+    port: tuple[tuple[str, str], ...] = ()
+    if "portability" in rec:  # EasyEdit's one-hop portability: a question whose answer depends on the edit
+        q, a = _get(rec, "portability.New Question", where), _get(rec, "portability.New Answer", where)
+        for name, v in (("portability.New Question", q), ("portability.New Answer", a)):
+            if not isinstance(v, str) or not v.strip():
+                raise DatasetFormatError(f"{where}: field {name!r} must be a non-empty string")
+        port = ((q, a),)
     return dict(request=req, kind="zsre", paraphrases=(_get(rec, "rephrase", where),),
-                neighborhood=((loc + "?", loc_ans),), loc=loc, loc_ans=loc_ans)
+                neighborhood=((loc + "?", loc_ans),), loc=loc, loc_ans=loc_ans, portability=port)
+
+
+def _nonempty(rec: Any, dotted: str, where: str) -> str:
+    v = _get(rec, dotted, where)
+    if not isinstance(v, str) or not v.strip():
+        raise DatasetFormatError(f"{where}: field {dotted!r} must be a non-empty string")
+    return v
+
+
+def _mquake(rec: Any, where: str, **_: Any) -> dict[str, Any]:
+    rws = _get(rec, "requested_rewrite", where)
+    if not isinstance(rws, list) or not rws:
+        raise DatasetFormatError(f"{where}: field 'requested_rewrite' must be a non-empty list")
+    case_id = rec.get("case_id")
+    edits = []
+    for j, rw in enumerate(rws):
+        at = f"{where} requested_rewrite.{j}"  # errors name the record and the rewrite's field
+        try:
+            edits.append(EditRequest(prompt=_nonempty(rw, "prompt", at), subject=_nonempty(rw, "subject", at),
+                                     target_new=_nonempty(rw, "target_new.str", at),
+                                     target_true=_nonempty(rw, "target_true.str", at), case_id=case_id))
+        except BadRequest as e:
+            raise DatasetFormatError(f"{at}: {e}") from None
+    questions = _strs(_get(rec, "questions", where), where, "questions")
+    if not questions:
+        raise DatasetFormatError(f"{where}: field 'questions' must hold at least one question")
+    hops = _get(rec, "new_single_hops", where)
+    if not isinstance(hops, list):
+        raise DatasetFormatError(f"{where}: field 'new_single_hops' must be a list")
+    single = tuple((_nonempty(h, "cloze", f"{where} new_single_hops.{j}"),
+                    _nonempty(h, "answer", f"{where} new_single_hops.{j}"),
+                    _strs(h.get("answer_alias", []) if isinstance(h, dict) else [], where,
+                          f"new_single_hops.{j}.answer_alias")) for j, h in enumerate(hops))
+    mh = MultiHop(questions, _nonempty(rec, "answer", where), _strs(rec.get("answer_alias", []), where, "answer_alias"),
+                  _nonempty(rec, "new_answer", where),
+                  _strs(rec.get("new_answer_alias", []), where, "new_answer_alias"), single)
+    return dict(request=edits[0], kind="mquake", edits=tuple(edits), multihop=mh)
 
 
 def _kedit(rec: Any, where: str, **_: Any) -> dict[str, Any]:
@@ -173,7 +238,7 @@ def _kedit(rec: Any, where: str, **_: Any) -> dict[str, Any]:
                 references=_strs(rec.get("references", []), where, "references"))
 
 
-PARSERS = {"counterfact": _counterfact, "easyedit": _easyedit, "zsre": _zsre, "kedit": _kedit}
+PARSERS = {"counterfact": _counterfact, "easyedit": _easyedit, "zsre": _zsre, "mquake": _mquake, "kedit": _kedit}
 
 
 def load_dataset(spec: str, n: int | None = None, offset: int = 0, sample_seed: int | None = None,

@@ -1,7 +1,8 @@
 """Pure metric functions (numbers in, numbers out), each labelled with its convention (METHODS §8).
 
 Inputs are per-token log-probabilities, argmax ids, next-token log-distributions or texts; no model
-is touched here. ``CONVENTIONS`` maps every summary key to a one-line label of what it computes.
+is touched here. ``METRICS`` is the one metric table (name, family, convention label, direction, display
+order); reports, the harness and the layer search read it.
 """
 
 from __future__ import annotations
@@ -15,33 +16,100 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# summary key -> convention label (printed in reports; "rome" = ROME/MEMIT summarize.py definitions)
-CONVENTIONS = {
-    "efficacy_score": "rome/ES: 1[NLL(new|prompt) < NLL(true|prompt)], NLL = mean over tokens of ' '+target",
-    "paraphrase_score": "rome/PS: ES over paraphrase prompts, mean per record",
-    "neighborhood_score": "rome/NS: 1[NLL(true) < NLL(new)] over neighborhood prompts, mean per record",
-    "score": "rome/S: harmonic mean of ES, PS, NS (of the means; CI by resampling records)",
-    "efficacy_magnitude": "rome/EM: P(new)-P(true), P = exp(-mean token NLL) (geometric-mean token prob.)",
-    "paraphrase_magnitude": "rome/PM: P(new)-P(true) over paraphrase prompts, P = exp(-mean token NLL)",
-    "neighborhood_magnitude": "rome/NM: P(true)-P(new) over neighborhood prompts, P = exp(-mean token NLL)",
-    "efficacy_acc": "acc: 1 iff every token of ' '+target_new is the teacher-forced argmax (edit prompt)",
-    "paraphrase_acc": "acc: every target_new token is the teacher-forced argmax, mean over paraphrases",
-    "neighborhood_acc": "acc: every ground-truth token is the teacher-forced argmax, mean over neighbors",
-    "neighborhood_kl": "KL(p_before || p_after) of the next-token distribution at neighborhood prompts, nats",
-    "top1_overlap": "|top1_before & top1_after| / 1, next token at neighborhood prompts",
-    "top5_overlap": "|top5_before & top5_after| / 5, next token at neighborhood prompts",
-    "top10_overlap": "|top10_before & top10_after| / 10, next token at neighborhood prompts",
-    "fluency": "rome/GE: mean over texts of (H2 + 2 H3)/3, H_n = entropy (bits) of word n-gram freqs",
-    "consistency": "rome/RS-like: TF-IDF cosine(generated, reference texts), IDF fitted on the run's references",
-    "efficacy_token_acc": "zsre: teacher-forced token accuracy of the target on src (mean over tokens)",
-    "efficacy_exact_match": "zsre: 1 iff every target token is the teacher-forced argmax on src",
-    "generalization_token_acc": "zsre: teacher-forced token accuracy of the target on rephrase",
-    "generalization_exact_match": "zsre: 1 iff every target token is the teacher-forced argmax on rephrase",
-    "specificity_agreement": "zsre/easyedit-loc: post-edit argmax == pre-edit argmax, teacher forced on loc?+loc_ans",
-    "specificity_loc_acc": "zsre/rome-loc: token accuracy of ' '+loc_ans after loc+'?' (teacher forced)",
-    "p_new": "exp(-NLL(new|edit prompt)), for plots",
-    "p_true": "exp(-NLL(true|edit prompt)), for plots",
-}
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the metric table: every list of metric names in kedit is read from ``METRICS``.
+
+    ``family`` groups rows in reports; ``selects`` names the dataset kind whose layer search scores
+    on this metric (kedit.layers.search.SCORE_KEYS); rows are listed in display order.
+    """
+
+    name: str
+    family: str
+    convention: str                      # one-line label of what is computed (printed in reports)
+    higher_is_better: bool | None = True  # None: neither (diagnostic values such as p_new, perplexity)
+    selects: str | None = None
+
+
+# display order: CounterFact family, distribution shift, text, zsRE, portability, MQuAKE, health, diagnostics
+# ("rome" = ROME/MEMIT summarize.py definitions; METHODS §8)
+_TABLE = (
+    Metric("efficacy_score", "counterfact",
+           "rome/ES: 1[NLL(new|prompt) < NLL(true|prompt)], NLL = mean over tokens of ' '+target",
+           selects="counterfact"),
+    Metric("paraphrase_score", "counterfact", "rome/PS: ES over paraphrase prompts, mean per record",
+           selects="counterfact"),
+    Metric("neighborhood_score", "counterfact",
+           "rome/NS: 1[NLL(true) < NLL(new)] over neighborhood prompts, mean per record", selects="counterfact"),
+    Metric("score", "counterfact", "rome/S: harmonic mean of ES, PS, NS (of the means; CI by resampling records)"),
+    Metric("efficacy_acc", "counterfact",
+           "acc: 1 iff every token of ' '+target_new is the teacher-forced argmax (edit prompt)"),
+    Metric("paraphrase_acc", "counterfact",
+           "acc: every target_new token is the teacher-forced argmax, mean over paraphrases"),
+    Metric("neighborhood_acc", "counterfact",
+           "acc: every ground-truth token is the teacher-forced argmax, mean over neighbors"),
+    Metric("efficacy_magnitude", "counterfact",
+           "rome/EM: P(new)-P(true), P = exp(-mean token NLL) (geometric-mean token prob.)"),
+    Metric("paraphrase_magnitude", "counterfact",
+           "rome/PM: P(new)-P(true) over paraphrase prompts, P = exp(-mean token NLL)"),
+    Metric("neighborhood_magnitude", "counterfact",
+           "rome/NM: P(true)-P(new) over neighborhood prompts, P = exp(-mean token NLL)"),
+    Metric("neighborhood_kl", "locality",
+           "KL(p_before || p_after) of the next-token distribution at neighborhood prompts, nats", False),
+    Metric("top1_overlap", "locality", "|top1_before & top1_after| / 1, next token at neighborhood prompts"),
+    Metric("top5_overlap", "locality", "|top5_before & top5_after| / 5, next token at neighborhood prompts"),
+    Metric("top10_overlap", "locality", "|top10_before & top10_after| / 10, next token at neighborhood prompts"),
+    Metric("fluency", "generation",
+           "rome/GE: mean over texts of (H2 + 2 H3)/3, H_n = entropy (bits) of word n-gram freqs"),
+    Metric("consistency", "generation",
+           "rome/RS-like: TF-IDF cosine(generated, reference texts), IDF fitted on the run's references"),
+    Metric("efficacy_token_acc", "zsre", "zsre: teacher-forced token accuracy of the target on src (mean over tokens)",
+           selects="zsre"),
+    Metric("efficacy_exact_match", "zsre", "zsre: 1 iff every target token is the teacher-forced argmax on src"),
+    Metric("generalization_token_acc", "zsre", "zsre: teacher-forced token accuracy of the target on rephrase",
+           selects="zsre"),
+    Metric("generalization_exact_match", "zsre",
+           "zsre: 1 iff every target token is the teacher-forced argmax on rephrase"),
+    Metric("specificity_agreement", "zsre",
+           "zsre/easyedit-loc: post-edit argmax == pre-edit argmax, teacher forced on loc?+loc_ans", selects="zsre"),
+    Metric("specificity_loc_acc", "zsre",
+           "zsre/rome-loc: token accuracy of ' '+loc_ans after loc+'?' (teacher forced)"),
+    Metric("portability_token_acc", "portability",
+           "easyedit/portability: teacher-forced token accuracy of ' '+New Answer after New Question"),
+    Metric("portability_exact_match", "portability",
+           "portability: 1 iff every ' '+New Answer token is the teacher-forced argmax after New Question"),
+    Metric("multihop_acc", "mquake",
+           "mquake: 1 iff the greedy answer to any of the case's questions matches new_answer or an alias "
+           "(normalised prefix match, few-shot QA prompt, token budget)"),
+    Metric("multihop_old_acc", "mquake",
+           "mquake: 1 iff the greedy answer to any question matches the pre-edit answer or an alias", None),
+    Metric("multihop_score", "mquake",
+           "mquake: mean over questions of 1[NLL(new_answer|question) < NLL(answer|question)], teacher forced"),
+    Metric("hopwise_acc", "mquake",
+           "mquake: greedy continuation of each new_single_hops cloze matches its answer or an alias, mean per case"),
+    Metric("edit_wise_score", "mquake",
+           "mquake: 1[NLL(new) < NLL(true)] for each requested_rewrite prompt, mean per case (rome/ES per edit)"),
+    Metric("edit_wise_acc", "mquake",
+           "mquake: every ' '+target_new token is the teacher-forced argmax, mean over the case's rewrites"),
+    Metric("health_perplexity", "health",
+           "health: exp(mean token NLL) on a fixed slice of the health corpus, CI by resampling rows", False),
+    Metric("health_top1_agreement", "health",
+           "health: post-edit next-token argmax == pre-edit argmax on kedit's fixed unrelated prompt set"),
+    Metric("health_kl", "health",
+           "health: KL(p_before || p_after) of the next token on the fixed unrelated prompt set, nats", False),
+    Metric("p_new", "diagnostic", "exp(-NLL(new|edit prompt)), for plots", None),
+    Metric("p_true", "diagnostic", "exp(-NLL(true|edit prompt)), for plots", None),
+)
+METRICS: dict[str, Metric] = {m.name: m for m in _TABLE}
+# summary key -> convention label (derived from METRICS; kept for readers of the old name)
+CONVENTIONS = {name: m.convention for name, m in METRICS.items()}
+ORDER = tuple(METRICS)
+
+
+def score_keys(kind: str) -> tuple[str, ...]:
+    """Metrics a layer search scores on for dataset ``kind`` (rows with ``selects == kind``, display order)."""
+    return tuple(m.name for m in _TABLE if m.selects == kind)
 
 
 @dataclass(frozen=True)
@@ -201,3 +269,38 @@ def aggregate_score(es: Sequence[float | None], ps: Sequence[float | None], ns: 
 
     lo, hi = bootstrap_ci(rows, stat=stat, n_boot=n_boot, seed=seed)
     return Aggregate(stat(rows), lo, hi, len(rows))
+
+
+# -- generated answers (MQuAKE) --------------------------------------------------------------------
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: NFKD without accents, lower case, no punctuation/articles, single spaces."""
+    import unicodedata
+
+    text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+    text = _PUNCT.sub(" ", text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answer_span(generation: str) -> str:
+    """The answer part of a greedy continuation: its first non-empty line, cut at a new ``Q:`` turn."""
+    for line in generation.strip().splitlines():
+        if line.strip():
+            return line.split("Q:")[0].strip()
+    return ""
+
+
+def alias_match(generation: str, aliases: Sequence[str]) -> bool:
+    """Whether the normalised answer span equals, or starts with (whole words), a normalised alias.
+
+    A prefix match accepts "Paris, the capital" for "Paris"; an empty alias never matches.
+    """
+    got = normalize_answer(answer_span(generation))
+    for alias in aliases:
+        a = normalize_answer(alias)
+        if a and (got == a or got.startswith(a + " ")):
+            return True
+    return False

@@ -1,8 +1,8 @@
-"""Writing and reading evaluation results: summary.json, cases.jsonl, summary.md and PNG plots.
+"""Writing and reading evaluation results: summary.json, cases.jsonl, summary.md, PNG plots and report.html.
 
 ``summary.json`` holds one plain key per metric (``efficacy_score``, ``neighborhood_kl``, ...) whose
 value is ``{mean, ci_low, ci_high, n, pre: {...}, convention}``, next to the reserved keys
-``config``, ``timings``, ``evaluated``, ``trajectory`` and ``n_cases``.
+``config``, ``timings``, ``evaluated``, ``trajectory``, ``health_trajectory``, ``caveats`` and ``n_cases``.
 """
 
 from __future__ import annotations
@@ -13,24 +13,45 @@ from pathlib import Path
 from typing import Any
 
 from kedit.errors import ReportFormatError
-from kedit.eval.harness import Report
+from kedit.eval import metrics as M
+from kedit.eval.results import Report
 
-RESERVED = ("config", "timings", "evaluated", "trajectory", "n_cases")
-# display order: CounterFact family, distribution shift, text, zsRE
-ORDER = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_acc", "paraphrase_acc",
-         "neighborhood_acc", "efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude",
-         "neighborhood_kl", "top1_overlap", "top5_overlap", "top10_overlap", "fluency", "consistency",
-         "efficacy_token_acc", "efficacy_exact_match", "generalization_token_acc", "generalization_exact_match",
-         "specificity_agreement", "specificity_loc_acc", "p_new", "p_true")
+RESERVED = ("config", "timings", "evaluated", "trajectory", "health_trajectory", "caveats", "n_cases")
+ORDER = M.ORDER  # display order: the metric table's row order
 # metrics on a [-1, 1] scale share the left panel of the plots; the rest (KL, fluency) go right
 UNIT_RANGE = {k for k in ORDER if k.endswith(("_score", "_acc", "_overlap", "_match", "_agreement", "_magnitude"))}
 UNIT_RANGE.add("score")
 
 
+MQUAKE_CAVEATS = (
+    "MQuAKE answers are matched against new_answer and its Wikidata aliases after normalisation (case, accents, "
+    "punctuation, articles) as a whole-word prefix of the first generated line; aliases are incomplete (a correct "
+    "paraphrase of the answer counts as wrong) and short aliases (e.g. 'US') can match a longer wrong answer.",
+    "Several MQuAKE cases rewrite the same subject/relation with different objects; in batch mode (all cases' "
+    "rewrites at once) such conflicting edits are applied together, so batch multi-hop figures are a lower bound "
+    "for per-case (--single) editing.",
+    "multihop_acc / hopwise_acc use greedy decoding with a small token budget and a two-shot QA prompt; "
+    "multihop_score is the teacher-forced comparison of new vs pre-edit answer on the same prompt.",
+)
+PORTABILITY_CAVEAT = ("Portability questions (EasyEdit one-hop set) are written around the record's 'alt' answer; "
+                      "with --zsre-target answers the edit target differs from the fact the question presupposes.")
+
+
+def caveats(report: Report) -> list[str]:
+    """Known caveats of the run's metrics (MQuAKE alias matching, portability convention)."""
+    kinds = {c.get("kind") for c in report.cases}
+    out = list(MQUAKE_CAVEATS) if "mquake" in kinds else []
+    if any(c.get("portability") for c in report.cases) and \
+            report.config.get("dataset", {}).get("zsre_target") == "answers":
+        out.append(PORTABILITY_CAVEAT)
+    return out
+
+
 def summary_dict(report: Report) -> dict[str, Any]:
     """The JSON object written to summary.json."""
     return {**report.summary, "n_cases": len(report.cases), "evaluated": report.evaluated,
-            "timings": report.timings, "config": report.config, "trajectory": report.trajectory}
+            "timings": report.timings, "config": report.config, "trajectory": report.trajectory,
+            "health_trajectory": report.health, "caveats": caveats(report)}
 
 
 def metric_keys(summary: dict[str, Any]) -> list[str]:
@@ -58,6 +79,7 @@ def markdown(summary: dict[str, Any]) -> str:
         e = summary[k]
         conv = e.get("convention", "").replace("|", "\\|")  # keep the table's columns intact
         lines.append(f"| {k} | {_fmt(e)} | {_fmt(e.get('pre'))} | {e.get('n')} | {conv} |")
+    lines += [f"- caveat: {c}" for c in summary.get("caveats", [])]
     lines += ["", "| phase | seconds | records/s |", "|---|---|---|"]
     for phase, rate in (("pre_eval", "pre_eval_records_per_s"), ("edit", "edit_records_per_s"),
                         ("post_eval", "post_eval_records_per_s")):
@@ -68,20 +90,53 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write(report: Report, out: str | Path, plots: bool = True) -> Path:
-    """Write summary.json, cases.jsonl, summary.md (and plots) into ``out``; returns the directory."""
+def write(report: Report, out: str | Path, plots: bool = True, html: bool = True) -> Path:
+    """Write summary.json, cases.jsonl, summary.md, plots and report.html into ``out``; returns the directory.
+
+    Each file is written to a temporary name and renamed, so an interrupted run leaves no half-written file.
+    """
+    from kedit.eval.html import run_page
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_dict(report)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    with open(out / "cases.jsonl", "w") as f:
-        for rec in report.cases:
-            f.write(json.dumps(rec, default=str) + "\n")
-    (out / "summary.md").write_text(markdown(summary))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
+    write_atomic(out / "cases.jsonl", "".join(json.dumps(rec, default=str) + "\n" for rec in report.cases))
+    write_atomic(out / "summary.md", markdown(summary))
+    pngs = []
     if plots:
         plot_metrics(summary, out / "metrics.png")
         plot_scatter(report.cases, out / "p_new_scatter.png")
+        pngs = [out / "metrics.png", out / "p_new_scatter.png"]
+        if len(report.health) > 1:
+            plot_health([("run", report.health)], out / "health.png")
+            pngs.append(out / "health.png")
+    if html:
+        write_atomic(out / "report.html", run_page(summary, report.cases, pngs, metric_keys(summary)))
     return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling and rename it over ``path`` (no half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def plot_health(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> None:
+    """Health over the number of edits (perplexity, top-1 agreement, KL), one line per run."""
+    plt = _pyplot()
+    keys = ("health_perplexity", "health_top1_agreement", "health_kl")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, k in zip(axes, keys, strict=True):
+        for name, traj in runs:
+            pts = [(p["n_edited"], p[k]) for p in traj if p.get(k) is not None]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=name)
+        ax.set(xlabel="edits applied", title=k.removeprefix("health_"))
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def load_summary(path: str | Path) -> dict[str, Any]:
@@ -173,14 +228,15 @@ def plot_scatter(cases: list[dict[str, Any]], path: Path) -> None:
 def plot_compare(summaries: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     """Post-edit bars with CIs for several runs side by side (metrics every run has)."""
     plt = _pyplot()
-    keys = [k for k in metric_keys(summaries[0][1]) if all(k in s for _, s in summaries)
-            and k not in ("p_new", "p_true")]
+    keys: list[str] = []  # metrics any run has (MQuAKE, zsRE and CounterFact runs can be lined up)
+    for _, s in summaries:
+        keys += [k for k in metric_keys(s) if k not in keys and k not in ("p_new", "p_true")]
     unit = [k for k in keys if k in UNIT_RANGE]
     other = [k for k in keys if k not in UNIT_RANGE]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 1]})
     for ax, ks in ((axes[0], unit), (axes[1], other)):
-        _bars(ax, ks, [(name, [s[k] for k in ks]) for name, s in summaries])
-    _unit_ylim(axes[0], [s[k] for _, s in summaries for k in unit])
+        _bars(ax, ks, [(name, [s.get(k) for k in ks]) for name, s in summaries])
+    _unit_ylim(axes[0], [s.get(k) for _, s in summaries for k in unit])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -24,16 +24,14 @@ import torch
 
 from kedit import distributed
 from kedit.arch import ArchitectureAdapter
+from kedit.eval import metrics as M
 from kedit.eval.datasets import EvalCase
 from kedit.eval.harness import Evaluator, case_metrics
 from kedit.layers.base import LayerChoice, candidate_layers, check_proxy, window_starts
 from kedit.progress import bar
 from kedit.requests import EditRequest
 
-SCORE_KEYS = {
-    "counterfact": ("efficacy_score", "paraphrase_score", "neighborhood_score"),
-    "zsre": ("efficacy_token_acc", "generalization_token_acc", "specificity_agreement"),
-}
+SCORE_KEYS = {kind: M.score_keys(kind) for kind in ("counterfact", "zsre")}  # read from the metric table
 TIE_KEYS = {
     "counterfact": ("efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude"),
     "zsre": ("p_new",),
