@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -51,6 +52,12 @@ def _forward_params(model) -> frozenset[str]:
 def cache_kwargs(model, cache) -> dict:
     """``{name: cache}`` under the keyword the model's ``forward`` takes (``cache`` or ``past_key_values``)."""
     return {"cache" if "cache" in _forward_params(model) else "past_key_values": cache}
+
+
+def output_cache(out) -> Any:
+    """The KV cache a forward returned, under its current name (``cache``) or the older ``past_key_values``;
+    reading the old attribute on a new output logs a deprecation warning."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def new_cache(model):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from kedit.arch import ArchitectureAdapter
-from kedit.generation import cache_kwargs
+from kedit.generation import cache_kwargs, output_cache
 from kedit.hooks import Trace, block_output, record_block_calls
 from kedit.tokens import TeacherForced
 
@@ -144,7 +144,7 @@ class _SuffixReplay:
             out = tr.run(input_ids=lay.ids, attention_mask=lay.mask, position_ids=lay.pos, use_cache=True)
         self.ref_logits = out.logits[:, lay.P:]  # [B, W-P, V]
         self.h = tr.blocks[layer][:, lay.P:]  # [B, W-P, d]
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         self.prefix = [(c.keys[:, :, : lay.P], c.values[:, :, : lay.P]) for c in self.cache.layers]
         self._reset()
         with record_block_calls(adapter.blocks[layer + 1:]) as self.calls, torch.no_grad(), Trace(adapter) as tr:
