@@ -296,12 +296,12 @@ def test_auto_layers_cached_per_model_and_method(tiny_tok, monkeypatch):
 
     assert len(default_proxy()) == 10
     model, _ = _model("llama", tiny_tok)
-    one = auto_layers(model, tiny_tok, "rome", proxy=PROXY)
-    window = auto_layers(model, tiny_tok, "memit", window=2, proxy=PROXY)
+    one = auto_layers(model, tiny_tok, "rome", proxy=PROXY, strategy="lga")
+    window = auto_layers(model, tiny_tok, "memit", window=2, proxy=PROXY, strategy="lga")
     assert len(one) == 1 and len(window) == 2 and window[1] == window[0] + 1
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite the cache")
 
     monkeypatch.setattr(lga_mod, "gradient_products", boom)
-    assert auto_layers(model, tiny_tok, "rome", proxy=PROXY) == one
+    assert auto_layers(model, tiny_tok, "rome", proxy=PROXY, strategy="lga") == one

@@ -23,8 +23,8 @@ def add_editor_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--method", default="memit", choices=sorted(SOLVERS))
     p.add_argument("--targets", default="forward", choices=sorted(TARGETS))
-    p.add_argument("--layers", default=None, help="comma-separated layers, e.g. 4,5,6,7,8, or 'auto' (LGA on the "
-                   "packaged facts, cached per model and method); default: from depth")
+    p.add_argument("--layers", default=None, help="comma-separated layers, e.g. 4,5,6,7,8, or 'auto' (verified "
+                   "selection on the packaged facts, cached per model, method and targets); default: from depth")
     p.add_argument("--corpus", default=None, help="statistics corpus: text file, directory, JSONL (default: "
                    "text sampled from the model)")
     p.add_argument("--tokens", type=int, default=None, help="statistics token budget")
@@ -56,15 +56,18 @@ def stats_spec(args: argparse.Namespace):
 def make_editor(args: argparse.Namespace, model, tok, verbose: bool = True):
     from kedit.editor import Editor
 
-    if args.layers == "auto":
-        from kedit.layers.auto import auto_layers
-
-        layers = auto_layers(model, tok, args.method)
-    else:
-        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     anchor = {k: v for k, v in {"steps": args.steps, "lr": args.lr}.items() if v is not None}
     if args.bf16:
         anchor["autocast_bf16"] = True
+    if args.layers == "auto":
+        from kedit.layers.auto import resolve_auto
+
+        decision = resolve_auto(model, tok, args.method, args.targets, stats=stats_spec(args),
+                                editor_kwargs={"anchor": anchor})
+        print(f"[kedit] {decision.summary()}", file=sys.stderr, flush=True)
+        layers = decision.layers
+    else:
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     hp = {"lam": args.lam} if args.lam is not None and args.method in ("memit", "emmet") else {}
     return Editor(model, tok, method=args.method, targets=args.targets, layers=layers, stats=stats_spec(args),
                   anchor=anchor, seed=args.seed, verbose=verbose, **hp)
