@@ -239,3 +239,23 @@ def test_auto_verified_decision_is_cached_and_summarised(tiny_tok, monkeypatch):
     # another targets construction is another decision
     with pytest.raises(AssertionError, match="recomputed"):
         resolve_auto(model, tiny_tok, "rome", targets="backward", proxy=PROXY, stats=stats)
+
+
+def test_cli_edit_layers_auto_prints_its_decision(tiny_tok, tmp_path, capsys):
+    from conftest import CORPUS_TEXT
+
+    from kedit.cli import main
+
+    model_dir = tmp_path / "tiny"
+    make_tiny("llama", tiny_tok).save_pretrained(model_dir)
+    tiny_tok.save_pretrained(model_dir)
+    (tmp_path / "corpus.txt").write_text(CORPUS_TEXT * 5)
+    args = ["edit", "--model", str(model_dir), "--method", "rome", "--layers", "auto", "--steps", "2",
+            "--corpus", str(tmp_path / "corpus.txt"), "--tokens", "1500", "--prompt", "The capital of {} is",
+            "--subject", "France", "--target", "Berlin", "--true", "Paris", "--json"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "--layers auto:" in x)
+    assert "by verified (stability" in line and "saved to" in line and "brute-force time" in line
+    assert main(args) == 0
+    assert "cached at" in capsys.readouterr().err
