@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=200, help="resamples of the proxy set for stability (0: off)")
     p.add_argument("--shortlist", type=int, default=4, help="verified: windows really edited")
     p.add_argument("--edits", type=int, default=None, help="verified: proxy requests edited per window "
-                   "(default: min(8, --proxy))")
+                   "(default: min(6, --proxy))")
     p.add_argument("--samples", type=int, default=10, help="causal tracing noise samples per prompt")
     p.add_argument("--noise", type=float, default=3.0, help="causal tracing noise, in subject-embedding stds")
     p.add_argument("--corpus", default=None, help="statistics corpus (default: text sampled from the model)")

@@ -95,7 +95,9 @@ def resolve_auto(model: torch.nn.Module, tok: Any, method: str = "rome", targets
     window = window or (len(default_layers(adapter.n_layers, True)) if multi else 1)
     proxy = list(proxy) if proxy is not None else default_proxy()
     selector = _selector(strategy, method, targets, window, stats, editor_kwargs)
-    settings = {k: v for k, v in dataclasses.asdict(selector).items() if k not in ("stats", "signal_proxy")}
+    # the stats themselves are not hashed (tensors): their spec is, below
+    settings = {f.name: getattr(selector, f.name) for f in dataclasses.fields(selector)
+                if f.name not in ("stats", "signal_proxy")}
     spec = {"fingerprint": model_fingerprint(model), "method": method, "targets": targets, "window": window,
             "strategy": strategy, "selector": settings, "stats": None if isinstance(stats, dict) else repr(stats),
             "proxy_digest": proxy_digest(proxy)}
