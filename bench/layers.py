@@ -59,7 +59,7 @@ def load_cells(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def selectors(args: argparse.Namespace, method: str, window: int, cands: tuple[int, ...], stats: Any,
               anchor: dict[str, Any], lga_reqs: list[Any]) -> dict[str, Any]:
     sels: dict[str, Any] = {"brute": BruteForce(method=method, window=window, layers=cands, stats=stats,
-                                                editor_kwargs={"anchor": anchor})}
+                                                editor_kwargs={"anchor": anchor}, bootstrap=args.bootstrap)}
     for theta, score in parse_variants(args.variants):
         lga = LGA(window=window, layers=cands, theta=theta, score=score, bootstrap=args.bootstrap)
         sels[lga.label] = lga

@@ -181,6 +181,17 @@ def test_verified_finds_planted_layer_from_the_shortlist(tiny_tok, monkeypatch):
     assert not model.get_output_embeddings()._forward_hooks  # every edit undone
 
 
+def test_brute_force_reports_stability(tiny_tok, monkeypatch):
+    import kedit.editor
+    from kedit.layers import BruteForce
+
+    model, a = _model("llama", tiny_tok)
+    monkeypatch.setattr(kedit.editor, "Editor", _PlantedEditor)
+    stats = {l: torch.eye(a.d_ff, dtype=torch.float64) for l in range(a.n_layers)}
+    choice = BruteForce(stats=stats, bootstrap=40).select(model, a, tiny_tok, PROXY[:2])
+    assert choice.layers == [2] and choice.details["stability"]["fraction"] == 1.0
+
+
 def test_verified_with_real_signals_and_windows(tiny_tok, monkeypatch):
     import kedit.editor
 

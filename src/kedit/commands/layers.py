@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     selectors = {
         **lgas,
         "brute": BruteForce(method=args.method, targets=args.targets, window=window, layers=tuple(cands),
-                            seed=args.seed, stats=stats, editor_kwargs={"anchor": anchor}),
+                            seed=args.seed, stats=stats, editor_kwargs={"anchor": anchor}, bootstrap=args.bootstrap),
         "causal": CausalTrace(noise=args.noise, samples=args.samples, seed=args.seed, window=window,
                               layers=tuple(cands), bootstrap=args.bootstrap),
         "verified": Verified(method=args.method, targets=args.targets, window=window, layers=tuple(cands),

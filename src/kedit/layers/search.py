@@ -24,7 +24,7 @@ import torch
 from kedit.arch import ArchitectureAdapter
 from kedit.eval.datasets import EvalCase
 from kedit.eval.harness import Evaluator, case_metrics
-from kedit.layers.base import LayerChoice, candidate_layers, check_proxy, window_starts
+from kedit.layers.base import LayerChoice, bootstrap_stability, candidate_layers, check_proxy, window_starts
 from kedit.requests import EditRequest
 
 SCORE_KEYS = {
@@ -133,6 +133,7 @@ class BruteForce:
     seed: int = 0
     stats: Any = None                        # {layer: C}, StatsSpec or None (default StatsSpec)
     editor_kwargs: dict[str, Any] = field(default_factory=dict)  # solver hyperparameters, anchor=...
+    bootstrap: int = 200                     # resamples of the proxy set for the stability report (0 = off)
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -157,6 +158,10 @@ class BruteForce:
         for j in optimal:
             hist[starts[j]] += 1
         best_per_request = ws.score.nan_to_num(-math.inf).max(1).values
+        s0, ties = ws.score.nan_to_num(0.0), ws.tie.nan_to_num(0.0)   # failed edits count as 0 when resampled
+        stability = bootstrap_stability(
+            lambda w: starts[ws.best(w @ s0 / w.sum(), w @ ties / w.sum())], len(cases), starts[golden],
+            self.bootstrap, self.seed)
         details = {
             "method": self.method, "targets": self.targets, "window": self.window, "windows": ws.windows,
             "score_keys": list(ws.keys), "tie_break": list(TIE_KEYS.get(cases[0].kind, ())), "n_proxy": len(cases),
@@ -164,6 +169,6 @@ class BruteForce:
             "sample_wise_optimum": best_per_request.mean().item(),   # mean over requests of their best score
             "optimal": [starts[j] for j in optimal], "histogram": hist,
             "per_request": ws.score.tolist(), "tie": ws.tie.tolist(), "failures": ws.failures,
-            "seconds": ws.seconds, "candidates_are": "first layer of each window",
+            "seconds": ws.seconds, "candidates_are": "first layer of each window", "stability": stability,
         }
         return LayerChoice("brute", windows[golden], starts, mean.tolist(), time.perf_counter() - t0, details)
