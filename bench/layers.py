@@ -102,8 +102,9 @@ HEADER = ["dataset", "method", "strategy", "start", "stability", "proxy score", 
           "seconds", "brute time / time", "transfer (test score there)"]
 
 
-def plot_cell(cell: str, choices: dict[str, Any], tests: dict[str, Any], path: Path) -> None:
-    """Every strategy's per-layer curve, min-max normalised, on one axis; choices marked; brute test curve dotted."""
+def plot_cell(cell: str, choices: dict[str, Any], tests: dict[str, Any], window: int, path: Path) -> None:
+    """Every strategy's curve over window starts (per-layer scores summed over the window, as LGA and tracing
+    rank windows), min-max normalised, on one axis; choices marked; the test-set scores dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,6 +113,10 @@ def plot_cell(cell: str, choices: dict[str, Any], tests: dict[str, Any], path: P
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, ch in choices.items():
         pairs = sorted(zip(ch["candidates"], ch["scores"], strict=True))
+        if window > 1 and name not in ("brute", "verified"):  # per-layer scores -> window sums
+            by = dict(pairs)
+            pairs = [(s, sum(by[s + i] for i in range(window))) for s, _ in pairs
+                     if all(s + i in by for i in range(window))]
         x, y = [p[0] for p in pairs], [p[1] for p in pairs]
         lo, hi = min(y), max(y)
         norm = [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in y]
@@ -128,6 +133,9 @@ def plot_cell(cell: str, choices: dict[str, Any], tests: dict[str, Any], path: P
         lo, hi = min(ys), max(ys)
         ax.plot([k for k, _ in scored], [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in ys], ls=":", marker="s",
                 color="grey", label="test score at scored starts")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (window start)")
     ax.set_ylabel("score, min-max normalised per strategy")
     ax.set_title(f"SmolLM2-135M {cell.replace('|', ' ')}", fontsize=10)
@@ -219,7 +227,7 @@ def main() -> int:
         return 3
     for cell in res["choices"]:
         label, method = cell.split("|")
-        plot_cell(cell, res["choices"][cell], res["tests"].get(cell, {}),
+        plot_cell(cell, res["choices"][cell], res["tests"].get(cell, {}), windows[method],
                   out.with_name(f"{out.stem}-{label}-{method}.png"))
     res["table"] = markdown_table(HEADER, rows_of(res))
     res["lga_conventions"] = {label: d["lga_convention"] for label, d in data.items()}
