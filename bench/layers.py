@@ -13,6 +13,13 @@ harness's rank score. Table: chosen start, bootstrap stability, proxy score (bru
 that start), test score, gap to the golden window's test score, seconds, brute-force time / strategy
 time, transfer. One figure per cell: every strategy's per-layer curve (min-max normalised) on one axis.
 
+Full run (issue 10): repeat until it exits 0 (each call works --minutes, then resumes):
+    flock /tmp/kedit-heavy.lock env OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python bench/layers.py --minutes 50
+Estimate on the 2-core box (issue-6 brute force: ~4.8 s per ROME edit): brute force ~900 ROME edits and ~780
+MEMIT window edits per dataset (3 datasets), tests ~300 edits per cell (6 cells): roughly 14-16 hours.
+Tiny end-to-end check (minutes): --proxy 3 --test 3 --candidates 4-6 --steps 2 --tokens 2000 --samples 2
+--bootstrap 20 --window 2 --shortlist 2 --edits 2 --datasets counterfact zsre-alt --out /tmp/ls/ls.json
+
 Resumable: every step is saved to <out>.partial.json as it finishes; a run starts no new step after
 --minutes and the next run (same settings) resumes. When all steps are done it writes <out>, the
 figures <out stem>-<dataset>-<method>.png and prints the table.
