@@ -201,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
         for name, c in result["strategies"].items():
             test_s = result.get("test", {}).get("at_choice", {}).get(name)
             extra = f"  test score {test_s:.3f}" if test_s is not None else ""
+            frac = c["details"].get("cost", {}).get("fraction_of_brute_force") if name == "verified" else None
+            extra += f"  ~{frac:.2f}x the estimated brute-force time" if frac is not None else ""
             print(f"{name:>7}: layers {c['layers']}  ({c['seconds']:.1f}s, "
                   f"{format_stability(c['details'].get('stability'))}){extra}")
         print(f"wrote {out}/layers.json" + ("" if args.no_plots else ", layers.png"))
