@@ -163,13 +163,15 @@ def test_verified_finds_planted_layer_from_the_shortlist(tiny_tok, monkeypatch):
     model, a = _model("llama", tiny_tok)
     monkeypatch.setattr(kedit.editor, "Editor", _PlantedEditor)
     stats = {l: torch.eye(a.d_ff, dtype=torch.float64) for l in range(a.n_layers)}
-    # the cheap signals rank the planted layer second; the default window (layer 1) leads the shortlist
-    fake = {"lga": [3, 2, 1, 0], "causal": [1, 0, 3, 2]}
+    # the cheap signals rank the planted layer second; the default window (layer 1) leads the shortlist,
+    # then the signals' choices round robin, the more stable signal first
+    fake = {"causal": ([1, 0, 3, 2], 0.4), "lga": ([3, 2, 1, 0], 0.9)}
 
     def signals(self, model, adapter, tok, proxy, cands):
         from kedit.layers import LayerChoice
 
-        return {n: LayerChoice(n, [r[0]], cands, [float(-r.index(c)) for c in cands], 0.0, {}) for n, r in fake.items()}
+        return {n: LayerChoice(n, [r[0]], cands, [float(-r.index(c)) for c in cands], 0.0,
+                               {"stability": {"fraction": f}}) for n, (r, f) in fake.items()}
 
     monkeypatch.setattr(ver.Verified, "signals", signals)
     choice = Verified(shortlist=3, edits=2, stats=stats, bootstrap=50).select(model, a, tiny_tok, PROXY)

@@ -1,8 +1,9 @@
 """Verified layer selection (METHODS §7): cheap signals shortlist, real edits decide.
 
 The cheap signals (the three LGA scores on W_out from one factored gradient pass, and causal
-tracing) each rank the candidate windows; the union of their top choices (round robin, plus the
-editor's default window as a safeguard) forms a shortlist of ``shortlist`` windows. The first
+tracing) each rank the candidate windows; the union of their top choices (round robin, most
+bootstrap-stable signal first, after the editor's default window as a safeguard) forms a shortlist
+of ``shortlist`` windows. The first
 ``edits`` proxy requests are then really edited at each shortlisted window (anchors batched per
 window, exactly as brute force does) and the window with the best mean rank score wins. The cost
 is reported next to an estimate of brute force over every window on the whole proxy set.
@@ -120,8 +121,10 @@ class Verified:
                                   need_true=True, who="verified layer selection (cheap signals)")
         sig = self.signals(model, adapter, tok, signal_reqs, cands)
         t_signals = time.perf_counter() - t0
-        rankings = {name: _ranking(c.candidates, c.scores, self.window, c.details.get("kept"))
-                    for name, c in sig.items()}
+        # round robin over the signals, most stable first: an unstable signal's top choice is cut first
+        order = sorted(sig, key=lambda n: -((sig[n].details.get("stability") or {}).get("fraction") or 0.0))
+        rankings = {name: _ranking(sig[name].candidates, sig[name].scores, self.window, sig[name].details.get("kept"))
+                    for name in order}
         default = default_layers(adapter.n_layers, self.window > 1)[0]
         first = [default] if self.include_default and default in windows else []
         k = min(self.shortlist, len(windows))
