@@ -35,9 +35,10 @@ from common import CORPUS, DATA, RESULTS, machine, require_data  # bench/common.
 from torch.utils.flop_counter import FlopCounterMode
 
 from kedit.arch import ArchitectureAdapter
-from kedit.editor import Editor, _Prepared
+from kedit.batch import TokenBatch
+from kedit.editor import Editor
 from kedit.models import load_model
-from kedit.optimize import AnchorConfig, AnchorProblem, Anchors, _layout, optimize_anchors
+from kedit.optimize import AnchorConfig, AnchorProblem, Anchors, anchor_layout, optimize_anchors
 from kedit.probe import target_probs
 from kedit.requests import EditRequest, request_from_record
 from kedit.stats import StatsInfo, StatsSpec, second_moments
@@ -160,7 +161,7 @@ def compute_z_one(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer: 
     return {"z": (h0 + delta).detach(), "nll_start": nll_start, "nll_end": nll_end, "steps": steps}
 
 
-def one_by_one(model, adapter: ArchitectureAdapter, prep: _Prepared, layer: int, cfg: AnchorConfig, pad: int,
+def one_by_one(model, adapter: ArchitectureAdapter, prep: TokenBatch, layer: int, cfg: AnchorConfig, pad: int,
                count: int, double_head: bool) -> dict[str, Any]:
     """compute_z for the first ``count`` requests (``prep`` built with chunk 1); seconds per request."""
     out = []
@@ -186,14 +187,14 @@ class Meter:
 
 
 # -- analyses of the batched run -------------------------------------------------------------------------
-def token_stats(prep: _Prepared, pad: int) -> dict[str, Any]:
+def token_stats(prep: TokenBatch, pad: int) -> dict[str, Any]:
     """Tokens per evaluation (all chunks, every request present): right-padded full rows (what a replay of every
     position above the anchor computes), optimize.py's left-aligned suffix columns ``B * (W - P)``, and the
     minimum: the real tokens at or after each row's decisive token (the only ones that depend on delta)."""
     full = real = suffix_cols = needed = setup = 0
     per_request: list[tuple[int, int]] = []  # (longest suffix, rows) per request
     for c in prep.chunks:
-        lay = _layout(c, pad)
+        lay = anchor_layout(c, pad)
         rows, width = lay.ids.shape
         rw_len, kl_len = c.rewrite.attention_mask.sum(1), c.kl_mask.sum(1)
         full += rows * max(c.rewrite.input_ids.shape[1], c.kl_ids.shape[1])
@@ -239,7 +240,7 @@ def compare(za: torch.Tensor, zb: torch.Tensor) -> dict[str, float]:
             "max_abs_diff_over_max_abs": ((za - zb).abs().max() / zb.abs().max()).item()}
 
 
-def run_flops(adapter: ArchitectureAdapter, prep: _Prepared, layer: int, cfg: AnchorConfig, pad: int,
+def run_flops(adapter: ArchitectureAdapter, prep: TokenBatch, layer: int, cfg: AnchorConfig, pad: int,
               steps: list[int]) -> dict[str, float]:
     """Matmul FLOPs of an optimize_anchors run (suffix replay) whose requests took ``steps`` Adam steps, replaying
     its schedule (frozen requests stay in the batch until <= 60% are active).
@@ -258,7 +259,7 @@ def run_flops(adapter: ArchitectureAdapter, prep: _Prepared, layer: int, cfg: An
     for c in prep.chunks:
         s = steps[lo: lo + c.n]
         lo += c.n
-        lay = _layout(c, pad)
+        lay = anchor_layout(c, pad)
         n_rows, width = lay.ids.shape
         cols = width - lay.P
         rows = torch.bincount(lay.row_req, minlength=c.n)  # rewrite rows + the KL row, per request
@@ -294,9 +295,9 @@ def flop_check(model, adapter: ArchitectureAdapter, tok, reqs: list[EditRequest]
     """optimize.py's FLOP estimate and a corrected formula vs FlopCounterMode, and the FLOPs per request of the
     one-by-one loop, all with ``steps`` evaluations and no early stop."""
     cfg = AnchorConfig(steps=steps, early_stop_nll=0.0)
-    prep = _Prepared(tok, reqs, templates, len(reqs))
+    prep = TokenBatch(tok, reqs, templates, len(reqs))
     a, n_batched = counted(lambda: optimize_anchors(model, adapter, prep.chunks, layer, cfg, pad))
-    prep1 = _Prepared(tok, reqs[:1], templates, 1)
+    prep1 = TokenBatch(tok, reqs[:1], templates, 1)
     _, n_one = counted(lambda: compute_z_one(model, adapter, prep1.chunks[0], layer, cfg, pad))
     _, n_one_single = counted(lambda: compute_z_one(model, adapter, prep1.chunks[0], layer, cfg, pad, False))
     corrected = run_flops(adapter, prep, layer, cfg, pad, a.steps.int().tolist())["corrected"]
@@ -404,7 +405,7 @@ def main() -> int:
     reqs = load_requests(args.n)
     templates = Editor(model, tok).templates
     cfg = AnchorConfig(batch_size=args.batch_size, steps=args.steps)  # lr 0.5 (< 2e9 params), MEMIT clamp 0.75
-    prep = _Prepared(tok, reqs, templates, cfg.batch_size)
+    prep = TokenBatch(tok, reqs, templates, cfg.batch_size)
     result["setup"] = {"model": "smollm2-135m", "n_layers": adapter.n_layers, "requests": len(reqs),
                        "data": "first records of shared/data/counterfact_subset500.json",
                        "templates": templates, "anchor_layer": layer, "anchor_config": dataclasses.asdict(cfg),
@@ -429,7 +430,7 @@ def main() -> int:
           flush=True)
 
     # 1b. one by one: compute_z with one LM head over every position, and as MEMIT with two
-    prep1 = _Prepared(tok, reqs[: max(args.baseline_n, args.baseline_memit_n)], templates, 1)
+    prep1 = TokenBatch(tok, reqs[: max(args.baseline_n, args.baseline_memit_n)], templates, 1)
     b = one_by_one(model, adapter, prep1, layer, cfg, pad, args.baseline_n, double_head=False)
     agree = compare(a.z[: args.baseline_n], b["z"])
     speedup = b["seconds_per_request"] / (a.seconds / n)
@@ -491,7 +492,7 @@ def main() -> int:
         "fraction_of_fp32_peak": gc / peak["fp32"]["peak_gflops"]}}
     if args.bf16_n:
         cfg16 = dataclasses.replace(cfg, autocast_bf16=True)
-        prep16 = _Prepared(tok, reqs[: args.bf16_n], templates, cfg16.batch_size)
+        prep16 = TokenBatch(tok, reqs[: args.bf16_n], templates, cfg16.batch_size)
         with Meter() as m16:
             a16 = optimize_anchors(model, adapter, prep16.chunks, layer, cfg16, pad)
         with Meter() as m32:

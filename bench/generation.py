@@ -9,12 +9,16 @@
 - greedy (the demo's probes): the old ``kedit.probe.greedy`` (``model.generate``) vs ``generate``.
 Each variant generates the same number of rows x new tokens; rows stopping at EOS count only the
 tokens they produced. Prints a table and writes bench/results/generation.json.
+
+On a shared machine run it with ``OMP_WAIT_POLICY=PASSIVE``: with more runnable threads than cores,
+libgomp's spinning threads make every multi-threaded GEMM several times slower, whichever path runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import warnings
 
@@ -100,7 +104,7 @@ def main() -> int:
 
     record("sampling", "old", 32, *timed(old_run))
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    auto = default_batch_size(model, max(map(len, prefixes)) + args.tokens)
+    auto = min(default_batch_size(model, max(map(len, prefixes)) + args.tokens), args.rows)  # what runs
     for b in [*sizes, "auto"]:
         bs = auto if b == "auto" else b
         new, s = timed(lambda bs=bs: generate_ids(model, prefixes, args.tokens, top_k=50, seeds=seeds,
@@ -120,8 +124,9 @@ def main() -> int:
 
     old = rows[0]["tok_per_s"]
     best = max(r["tok_per_s"] for r in rows if r["task"] == "sampling" and r["path"] == "new")
-    result = {"machine": info, "loadavg_end": __import__("os").getloadavg(),
-              "settings": {"new_tokens_per_row": args.tokens, "rows": args.rows, "top_k": 50},
+    result = {"machine": info, "loadavg_end": os.getloadavg(),
+              "settings": {"new_tokens_per_row": args.tokens, "rows": args.rows, "top_k": 50,
+                           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
               "rows": rows, "sampling_speedup_best": round(best / old, 2)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

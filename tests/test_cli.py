@@ -56,3 +56,21 @@ def test_cli_errors_are_clear(tiny_dir, tmp_path):
     r = kedit("edit", "--model", tiny_dir, "--layers", "9", "--prompt", "{} is", "--subject", "A", "--target", "B",
               home=tmp_path)
     assert r.returncode != 0 and "out of range" in r.stderr
+
+
+def test_python_m_kedit_and_version_without_torch(tmp_path):
+    from kedit._version import __version__
+
+    r = kedit("--version", home=tmp_path)  # through kedit.cli's __main__ guard
+    assert r.returncode == 0 and r.stdout.strip() == f"kedit {__version__}"
+    env = {**os.environ, "KEDIT_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "kedit", "--version"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"kedit {__version__}"
+    r = subprocess.run([sys.executable, "-c", "import sys, kedit; print(kedit.__version__, 'torch' in sys.modules)"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.split() == [__version__, "False"]
+    r = subprocess.run([sys.executable, "-m", "kedit", "edit", "--layers", "4-x"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("kedit edit: error: argument --layers: '4-x'")
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -174,9 +174,9 @@ def test_forward_replay_targets_reproduce_themselves(tiny_tok):
     model = make_tiny("llama", tiny_tok)
     editor = Editor(model, tiny_tok, targets="forward", layers=[1, 2, 3], stats=_identity_stats(model, [1, 2, 3]),
                     anchor=FAST)
-    from kedit.editor import _Prepared
+    from kedit.batch import TokenBatch
 
-    prep = _Prepared(tiny_tok, REQS, editor.templates, 8)
+    prep = TokenBatch(tiny_tok, REQS, editor.templates, 8)
     targets = editor.builder.build(editor._session(prep, {}), editor.layers)
     z = targets.per_layer
     again = editor._replay(prep, 1, z[1], [2, 3])
@@ -267,13 +267,55 @@ def test_sequential_state_carried_and_rolled_back_by_undo(tiny_tok):
     assert "C_cache" not in editor.state[2]
 
 
-def test_default_preservation_weight_follows_the_targets_also_for_post_processors():
-    from kedit.editor import default_solver_hparams
+def test_default_preservation_weight_follows_the_targets_also_for_post_processors(tiny_llama, tiny_tok):
+    from kedit.solvers import EMMET, MEMIT, Prune, Rect
 
-    assert default_solver_hparams("memit", "backward", {})["lam"] == 5000.0
-    assert default_solver_hparams("memit", "forward", {})["lam"] == 15000.0
-    for method in ("prune", "rect"):
-        assert default_solver_hparams(method, "backward", {})["base"] == {"name": "memit", "lam": 5000.0}
-        assert default_solver_hparams(method, "forward", {})["base"]["lam"] == 15000.0
-        assert default_solver_hparams(method, "backward", {"base": "emmet"}) == {"base": "emmet"}
-    assert default_solver_hparams("rome", "onelayer", {}) == {}
+    def solver(method, targets, **hp):
+        return Editor(tiny_llama, tiny_tok, method=method, targets=targets, layers=[1, 2], **hp).solver
+
+    for method in ("memit", MEMIT(), "emmet", EMMET()):
+        assert solver(method, "backward").lam == 5000.0
+        assert solver(method, "forward").lam == 15000.0
+        assert solver(method, "onelayer").lam == 15000.0 and solver(method, "blue").lam == 15000.0
+    for method in ("prune", Prune(), "rect", Rect()):
+        assert solver(method, "backward").base == MEMIT(lam=5000.0)
+        assert solver(method, "forward").base.lam == 15000.0
+    # a base given by name defers to the targets too; a lam the user set is never replaced
+    assert solver("rect", "backward", base="emmet").base == EMMET(lam=5000.0)
+    assert solver(Rect(base="emmet"), "backward").base == EMMET(lam=5000.0)
+    assert solver("prune", "backward", base={"name": "memit", "lam": 7.0}).base.lam == 7.0
+    assert solver("memit", "backward", lam=20000.0).lam == 20000.0
+    assert solver(MEMIT(lam=15000.0), "backward").lam == 15000.0
+    assert not hasattr(Editor(tiny_llama, tiny_tok, method="rome", layers=[1]).solver, "lam")
+    assert MEMIT().lam == 15000.0  # called directly, a solver uses its own default
+
+
+def test_name_and_object_give_the_same_config_and_edit(tiny_tok):
+    from kedit.editor import describe
+    from kedit.solvers import MEMIT, Prune
+
+    for name, obj, hp in (("memit", MEMIT(), {}), ("prune", Prune(), {"alpha": 2.0}), ("memit", MEMIT(), {"lam": 3.0})):
+        deltas, configs = [], []
+        for method in (name, obj):
+            model = make_tiny("llama", tiny_tok)
+            editor = Editor(model, tiny_tok, method=method, targets="backward", layers=[1, 2],
+                            stats=_low_rank_stats(model, [1, 2]), anchor=FAST, **hp)
+            configs.append(describe(editor.solver))
+            edit = editor.apply(REQS[:1])
+            deltas.append({layer: d.dense() for layer, d in edit.deltas.items()})
+            assert edit.record["solver"] == configs[-1]
+        lam = configs[0]["base"]["lam"] if name == "prune" else configs[0]["lam"]
+        assert configs[0] == configs[1] and lam == hp.get("lam", 5000.0)
+        assert deltas[0].keys() == deltas[1].keys()
+        assert all(torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
+
+
+def test_hparams_with_an_object_method_are_applied_and_checked(tiny_llama, tiny_tok):
+    from kedit.solvers import AlphaEdit
+
+    editor = Editor(tiny_llama, tiny_tok, method=AlphaEdit(), layers=[1, 2], L2=3.0)
+    assert editor.solver == AlphaEdit(L2=3.0)
+    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['lam'\] for solver 'alphaedit'; valid: "):
+        Editor(tiny_llama, tiny_tok, method=AlphaEdit(), layers=[1, 2], lam=3.0)
+    with pytest.raises(ValueError, match="valid: .*'L2'"):
+        Editor(tiny_llama, tiny_tok, method="alphaedit", layers=[1, 2], lam=3.0)

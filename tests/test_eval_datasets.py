@@ -10,8 +10,6 @@ import pytest
 from kedit.errors import DatasetFormatError
 from kedit.eval.datasets import filled_prompt, load_dataset, parse_spec, select_indices
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 CF = {"case_id": 7, "requested_rewrite": {"prompt": "{} is located in", "subject": "Angola", "relation_id": "P30",
                                           "target_new": {"str": "Antarctica"}, "target_true": {"str": "Africa"}},
       "paraphrase_prompts": ["Angola belongs to", "the Angola is in"], "neighborhood_prompts": ["Ghana is in"],
@@ -107,13 +105,14 @@ def test_slices_are_recorded_and_seeded():
         parse_spec("squad:x.json")
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared data not present")
 def test_shared_files_load():
-    d = load_dataset(f"counterfact:{SHARED / 'counterfact_subset500.json'}", n=5, offset=10)
+    from conftest import shared_data
+
+    d = load_dataset(f"counterfact:{shared_data('counterfact_subset500.json')}", n=5, offset=10)
     assert d.indices == list(range(10, 15)) and len(d.cases[0].neighborhood) == 10
     assert d.describe()["selection"] == {"n": 5, "offset": 10, "sample_seed": None}
-    z = load_dataset(f"zsre:{SHARED / 'zsre_mend_eval_portability_gpt4.json'}", n=50, sample_seed=0,
+    z = load_dataset(f"zsre:{shared_data('zsre_mend_eval_portability_gpt4.json')}", n=50, sample_seed=0,
                      zsre_target="answers")
     assert len(z.cases) == 50 and all(c.kind == "zsre" for c in z.cases)
-    e = load_dataset(f"easyedit:{SHARED / 'counterfact_mend_format' / 'counterfact-val.json'}", n=3)
+    e = load_dataset(f"easyedit:{shared_data('counterfact_mend_format/counterfact-val.json')}", n=3)
     assert e.cases[0].request.target_true

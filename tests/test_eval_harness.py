@@ -197,13 +197,11 @@ def test_report_files_and_compare(bigram, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["none", "memit"])
 def test_cli_eval_on_tiny_model(tmp_path, tiny_tok, capsys, method):
-    from conftest import SHARED, make_tiny
+    from conftest import make_tiny, shared_data
 
     from kedit.cli import main
 
-    data = SHARED / "counterfact_subset500.json"
-    if not data.is_file():
-        pytest.skip("shared data not present")
+    data = shared_data("counterfact_subset500.json")
     model_dir = tmp_path / "tiny"
     make_tiny("llama", tiny_tok).save_pretrained(model_dir)
     tiny_tok.save_pretrained(model_dir)
@@ -220,20 +218,21 @@ def test_cli_eval_on_tiny_model(tmp_path, tiny_tok, capsys, method):
 
 
 @pytest.mark.slow
-def test_cli_smollm2_memit_20_counterfact(tmp_path, tmp_path_factory, smollm2, capsys, monkeypatch):
+def test_cli_smollm2_memit_20_counterfact(tmp_path, tmp_path_factory, request, capsys, monkeypatch):
     import os
 
-    from conftest import SHARED
+    from conftest import shared_data
 
     from kedit.cli import main
 
+    counterfact, wiki = shared_data("counterfact_subset500.json"), shared_data("wikitext-2-raw/wiki.test.raw")
     if os.environ.get("KEDIT_HOME", "").startswith(str(tmp_path_factory.getbasetemp())):
         monkeypatch.delenv("KEDIT_HOME")  # share the real model and statistics caches, as the smollm2 fixture does
+    request.getfixturevalue("smollm2")  # after the data check: a fresh clone skips without loading the model
 
     out = tmp_path / "run"
     rc = main(["eval", "--model", "smollm2-135m", "--method", "memit", "--targets", "forward",
-               "--dataset", f"counterfact:{SHARED / 'counterfact_subset500.json'}", "--n", "20",
-               "--corpus", str(SHARED / "wikitext-2-raw" / "wiki.test.raw"),
+               "--dataset", f"counterfact:{counterfact}", "--n", "20", "--corpus", str(wiki),
                "--out", str(out), "--json"])
     assert rc == 0
     s = json.loads(capsys.readouterr().out)

@@ -2,7 +2,8 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from kedit.editor import Editor, _Prepared
+from kedit.batch import TokenBatch
+from kedit.editor import Editor
 from kedit.optimize import AnchorConfig, optimize_anchors
 from kedit.requests import EditRequest
 from kedit.tokens import pad_id
@@ -16,7 +17,7 @@ REQS = [
 
 
 def _anchors(editor, reqs, layer, cfg, chunk):
-    prep = _Prepared(editor.tok, reqs, editor.templates, chunk)
+    prep = TokenBatch(editor.tok, reqs, editor.templates, chunk)
     return optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, cfg, pad_id(editor.tok))
 
 

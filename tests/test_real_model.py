@@ -73,14 +73,14 @@ def test_rome_single_edits_succeed_and_unrelated_prompts_keep(setup, capsys):
 
 
 def test_patch_roundtrip_and_forward_replay_consistency(setup, tmp_path, capsys):
-    from kedit.editor import _Prepared
+    from kedit.batch import TokenBatch
     from kedit.models import load_model
 
     model, tok, stats, facts, _, _ = setup
     editor = Editor(model, tok, method="memit", targets="forward", layers=LAYERS, stats=stats, diagnostics=True)
     edit = editor.apply(facts[:1])
     # each edited layer's output at the decisive token is close to its target
-    prep = _Prepared(tok, facts[:1], editor.templates, 1)
+    prep = TokenBatch(tok, facts[:1], editor.templates, 1)
     _, hidden = editor._read(prep, [], LAYERS)
     z = edit.targets.per_layer
     start = {layer: (z[layer] - edit.problems[layer].R.T.float()).float() for layer in LAYERS}  # h before layer

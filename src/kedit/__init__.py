@@ -1,23 +1,55 @@
-"""kedit: locate-then-edit knowledge editing for causal language models."""
+"""kedit: locate-then-edit knowledge editing for causal language models.
 
-__version__ = "0.1.0"
+The public names below are imported on first use, so ``import kedit`` (e.g. for ``kedit.__version__``
+or ``kedit --version``) does not import torch.
+"""
 
-from kedit.arch import ArchitectureAdapter  # noqa: E402
-from kedit.edit import Edit  # noqa: E402
-from kedit.editor import Editor  # noqa: E402
-from kedit.errors import (  # noqa: E402
-    BadRequest,
-    DatasetFormatError,
-    EditFailed,
-    KeditError,
-    ModelNotFound,
-    StatsCacheError,
-    UnsupportedArchitecture,
-)
-from kedit.models import load_model  # noqa: E402
-from kedit.requests import EditRequest, read_requests  # noqa: E402
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from kedit._version import __version__
+
+if TYPE_CHECKING:
+    from kedit.arch import ArchitectureAdapter
+    from kedit.edit import Edit
+    from kedit.editor import Editor
+    from kedit.errors import (
+        BadRequest,
+        DatasetFormatError,
+        EditFailed,
+        KeditError,
+        ModelNotFound,
+        StatsCacheError,
+        UnsupportedArchitecture,
+    )
+    from kedit.models import load_model
+    from kedit.requests import EditRequest, read_requests
+
+# public name -> module defining it
+_LAZY = {
+    "ArchitectureAdapter": "kedit.arch", "Edit": "kedit.edit", "Editor": "kedit.editor",
+    "BadRequest": "kedit.errors", "DatasetFormatError": "kedit.errors", "EditFailed": "kedit.errors",
+    "KeditError": "kedit.errors", "ModelNotFound": "kedit.errors", "StatsCacheError": "kedit.errors",
+    "UnsupportedArchitecture": "kedit.errors", "load_model": "kedit.models", "EditRequest": "kedit.requests",
+    "read_requests": "kedit.requests",
+}
 
 __all__ = [
+    "__version__",
     "ArchitectureAdapter", "BadRequest", "DatasetFormatError", "Edit", "EditFailed", "EditRequest", "Editor",
     "KeditError", "ModelNotFound", "StatsCacheError", "UnsupportedArchitecture", "load_model", "read_requests",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'kedit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -5,12 +5,18 @@ the block list is the homogeneous ``nn.ModuleList`` whose length is the layer co
 linear map ``d_ff -> d_model`` inside each block, its storage layout follows from its module type
 (GPT-2's ``Conv1D`` stores ``[in, out]``, ``nn.Linear`` stores ``[out, in]``), and a probe forward
 pass confirms that ``W k (+ b)`` equals the module's real output.
+
+Where the weights really are is also this module's business, and only its: a W_out parameter may live
+on any device, or (accelerate dispatch with CPU/disk offload) sit on ``meta`` while the forward pass
+reads the real tensor from the offload hook's weights map. ``w_out_storage`` / ``add_to_w_out`` /
+``snapshot_w_out`` / ``restore_w_out`` read and write the tensor the forward pass uses, whichever it is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +33,75 @@ except ImportError:  # pragma: no cover
 W_OUT_NAMES = ("down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2", "wo")
 
 Layout = Literal["out_in", "in_out"]
+ROW_CHUNK = 4096  # rows of W updated per step: bounds the fp32 temporary of a weight write
+
+
+def align_hook(module: nn.Module) -> Any | None:
+    """accelerate's ``AlignDevicesHook`` attached to ``module`` (directly or inside a SequentialHook), else None."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:
+        if h is not None and hasattr(h, "execution_device") and hasattr(h, "weights_map"):
+            return h
+    return None
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device ``module`` computes on: its dispatch hook's execution device, else that of its first tensor."""
+    hook = align_hook(module)
+    if hook is not None and hook.execution_device is not None:
+        dev = hook.execution_device
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s input ids must go: its input embedding's execution device (dispatch-aware)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return module_device(emb if emb is not None else model)
+
+
+def _offload_slot(module: nn.Module, name: str) -> tuple[Mapping, str] | None:
+    """``(mapping, key)`` holding the real tensor ``name`` of an offloaded module, else None.
+
+    accelerate keeps offloaded weights in ``hook.weights_map``: a plain dict (``cpu_offload``) or a
+    ``PrefixedDataset`` over an ``OffloadedWeightsLoader`` whose ``state_dict`` (CPU weights) takes
+    priority over its ``index`` (disk: ``.dat`` memmaps or the original safetensors files). The
+    returned mapping is the one to write into: the loader's ``state_dict`` for disk weights, so an
+    edit never writes into the user's checkpoint files.
+    """
+    hook = align_hook(module)
+    if hook is None or not getattr(hook, "offload", False) or hook.weights_map is None:
+        return None
+    wm = hook.weights_map
+    prefix = ""
+    if hasattr(wm, "dataset") and hasattr(wm, "prefix"):  # PrefixedDataset
+        wm, prefix = wm.dataset, wm.prefix
+    key = prefix + name
+    if hasattr(wm, "state_dict") and hasattr(wm, "index"):  # OffloadedWeightsLoader
+        if key not in wm.state_dict and key not in wm.index:
+            return None
+        return wm.state_dict, key
+    return (wm, key) if key in wm else None
+
+
+def real_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """Tensor ``name`` (e.g. ``"weight"``) of ``module`` as the forward pass will use it (offload-aware)."""
+    slot = _offload_slot(module, name)
+    if slot is None:
+        return getattr(module, name)
+    hook = align_hook(module)
+    return hook.weights_map[name]  # the loader resolves state_dict overrides first, then disk
+
+
+@dataclass
+class WeightSnapshot:
+    """What ``restore_w_out`` needs to put a W_out back bit for bit: a copy in its own dtype."""
+
+    tensor: torch.Tensor  # storage layout, the weight's dtype, on its device (offloaded: CPU)
+    overridden: bool  # offloaded weight: whether the writable offload map already held it in memory
 
 
 def _linear_shape(m: nn.Module) -> tuple[int, int] | None:
@@ -111,12 +186,26 @@ class ArchitectureAdapter:
         return layer
 
     def w_out(self, layer: int) -> nn.Parameter:
+        """The W_out parameter object (on ``meta`` when offloaded: use ``w_out_storage`` for values)."""
         return self.w_out_modules[self.check_layer(layer)].weight
+
+    def w_out_storage(self, layer: int) -> torch.Tensor:
+        """W_out of ``layer`` as the forward pass uses it, in its storage layout and dtype (read only)."""
+        return real_tensor(self.w_out_modules[self.check_layer(layer)], "weight")
 
     def w_out_weight(self, layer: int) -> torch.Tensor:
         """W_out of ``layer`` as a ``[d_model, d_ff]`` view (no copy)."""
-        w = self.w_out(layer)
+        w = self.w_out_storage(layer)
         return w.T if self.layout == "in_out" else w
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Device block ``layer``'s W_out computes on (where its keys appear and its solve should run)."""
+        return module_device(self.w_out_modules[self.check_layer(layer)])
+
+    @property
+    def input_device(self) -> torch.device:
+        """Device of the input embedding: where input ids must be sent."""
+        return input_device(self.model)
 
     def to_param_layout(self, delta: torch.Tensor) -> torch.Tensor:
         """Canonical ``[d_model, d_ff]`` -> the parameter's storage layout (decided by module type)."""
@@ -124,19 +213,62 @@ class ArchitectureAdapter:
 
     @torch.no_grad()
     def add_to_w_out(self, layer: int, delta: torch.Tensor) -> None:
-        """In place: W_out(layer) += delta, with ``delta`` in canonical ``[d_model, d_ff]`` layout."""
-        w = self.w_out(layer)
+        """W_out(layer) += delta, ``delta`` canonical ``[d_model, d_ff]``, into the weight the forward uses.
+
+        The sum is formed in fp32 (fp64 for an fp64 weight) and rounded once to the weight's dtype, in
+        blocks of ROW_CHUNK rows (bounded temporary). An offloaded weight is replaced by an in-memory
+        override in the offload map (``snapshot_w_out`` first, so ``restore_w_out`` can drop it again).
+        """
         if tuple(delta.shape) != (self.d_model, self.d_ff):
             raise ValueError(f"delta for layer {layer} has shape {tuple(delta.shape)}, "
                              f"expected [d_model, d_ff] = [{self.d_model}, {self.d_ff}]")
-        w.add_(self.to_param_layout(delta).to(device=w.device, dtype=w.dtype))
+        mod = self.w_out_modules[self.check_layer(layer)]
+        slot = _offload_slot(mod, "weight")
+        w = self.w_out_storage(layer)
+        if slot is not None:
+            w = w.clone()  # a fresh tensor for the override; never the loader's file-backed one
+        d = self.to_param_layout(delta)
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        for lo in range(0, w.shape[0], ROW_CHUNK):
+            rows = w[lo:lo + ROW_CHUNK]
+            rows.copy_((rows.to(acc) + d[lo:lo + ROW_CHUNK].to(device=w.device, dtype=acc)).to(w.dtype))
+        if slot is not None:
+            mapping, key = slot
+            mapping[key] = w
+
+    def snapshot_w_out(self, layer: int) -> WeightSnapshot:
+        """A copy of W_out(layer) for ``restore_w_out``; memory: one W_out in its dtype."""
+        slot = _offload_slot(self.w_out_modules[self.check_layer(layer)], "weight")
+        overridden = slot is not None and _is_override(*slot)
+        return WeightSnapshot(self.w_out_storage(layer).detach().clone(), overridden)
+
+    @torch.no_grad()
+    def restore_w_out(self, layer: int, snap: WeightSnapshot) -> None:
+        """Put W_out(layer) back exactly as ``snap`` recorded it (an offload override is dropped)."""
+        slot = _offload_slot(self.w_out_modules[self.check_layer(layer)], "weight")
+        if slot is None:
+            self.w_out(layer).copy_(snap.tensor)
+            return
+        mapping, key = slot
+        if snap.overridden:
+            mapping[key] = snap.tensor.clone()
+        elif _is_override(mapping, key):
+            del mapping[key]  # the loader falls back to the untouched weights on disk
+
+    def offload_summary(self) -> dict[str, int]:
+        """Where the edited model's W_out weights live: ``{device or "offload": count}`` over blocks."""
+        out: dict[str, int] = {}
+        for mod in self.w_out_modules:
+            where = "offload" if _offload_slot(mod, "weight") is not None else str(module_device(mod))
+            out[where] = out.get(where, 0) + 1
+        return out
 
     def w_out_apply(self, layer: int, k: torch.Tensor) -> torch.Tensor:
         """``W k + b`` computed through the canonical view; ``k`` is ``[..., d_ff]``."""
         mod = self.w_out_modules[layer]
         out = k @ self.w_out_weight(layer).T
-        bias = getattr(mod, "bias", None)
-        return out + bias if bias is not None else out
+        bias = real_tensor(mod, "bias") if getattr(mod, "bias", None) is not None else None
+        return out + bias.to(out.device) if bias is not None else out
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from last-block residuals ``[..., d_model]``: final norm, LM head, soft-capping."""
@@ -147,15 +279,15 @@ class ArchitectureAdapter:
         """Check on a 3-token input that W_out's recorded input reproduces its output."""
         from kedit.hooks import Trace
 
-        p = next(self.model.parameters())
-        ids = torch.tensor([[1, 2, 3]], device=p.device)
+        ids = torch.tensor([[1, 2, 3]], device=self.input_device)
         with Trace(self) as tr:
             tr.capture_key(0)
             tr.capture_key_output(0)
             tr.stop_after(0)
             tr.run(input_ids=ids)
         k, out = tr.keys[0], tr.key_outputs[0]
-        ref = self.w_out_apply(0, k.to(p.dtype))
+        w = self.w_out_storage(0)
+        ref = self.w_out_apply(0, k.to(device=w.device, dtype=w.dtype)).to(out.device)
         if not torch.allclose(ref.float(), out.float(), rtol=1e-3, atol=1e-4 * (1 + out.abs().max().item())):
             raise UnsupportedArchitecture(
                 f"{self.w_out_names[0]} ({type(self.w_out_modules[0]).__name__}) does not compute W k + b "
@@ -177,6 +309,11 @@ def head_logits(model: nn.Module, h: torch.Tensor, lm_head: nn.Module | None = N
     logits = (lm_head if lm_head is not None else model.get_output_embeddings())(h)
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _is_override(mapping: Mapping, key: str) -> bool:
+    """Whether the writable offload map holds an in-memory tensor under ``key`` (else it comes from disk)."""
+    return key in mapping
 
 
 def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

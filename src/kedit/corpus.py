@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from kedit.errors import DatasetFormatError, KeditError
+from kedit.errors import DatasetFormatError, InputFileError, KeditError, warn_cache_unwritable
 from kedit.io import iter_jsonl, write_text
 
 # Prefixes the self-sampled corpus starts from (ROME/MEMIT sample their templates the same way).
@@ -35,10 +36,14 @@ class Corpus:
     kind: str
     identity: str
     text_field: str = "text"
+    # in-memory documents: a sampled corpus whose cache file could not be written (read-only KEDIT_HOME)
+    docs: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
 
     def documents(self) -> Iterator[str]:
         """Documents in a fixed order; a text file yields line-aligned pieces of one document."""
-        if self.kind == "jsonl":
+        if self.docs is not None:
+            yield from self.docs
+        elif self.kind == "jsonl":
             yield from _jsonl_documents(self.path, self.text_field)
         elif self.kind == "dir":
             for f in _dir_files(self.path):
@@ -98,19 +103,21 @@ def _text_pieces(path: Path) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    for lineno, record in iter_jsonl(path, DatasetFormatError):
+    for lineno, record in iter_jsonl(path, DatasetFormatError, InputFileError):
         text = record.get(field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise DatasetFormatError(f"{path}:{lineno}: record has no string field {field!r}")
         yield text
 
 
-def sampled_corpus(model, tok, tokens: int, seed: int = 0, progress: bool = True, max_new_tokens: int = 128,
-                   top_k: int = 50) -> Corpus:
+def sampled_corpus(model, tok, tokens: int, seed: int = 0, progress: bool = True, per_prefix: int = 32,
+                   max_new_tokens: int = 128, top_k: int = 50) -> Corpus:
     """Text sampled from ``model`` (top-k, seeded) until ``tokens`` tokens; cached as JSONL per model.
 
-    Row ``r`` continues ``PREFIXES[r % len(PREFIXES)]`` with its own seed (kedit.generation), so the text
-    does not depend on batching. Cached under ``kedit_home()/corpus/<fingerprint>-s<seed>-n<tokens>.jsonl``.
+    Rows go ``per_prefix`` at a time to each of PREFIXES in turn; row ``r`` has its own seed
+    (kedit.generation), so the text does not depend on batching. All rows needed run as one batched call
+    (a second one tops up if rows stop early at EOS). Cached under
+    ``kedit_home()/corpus/<fingerprint>-s<seed>-n<tokens>.jsonl``.
     """
     from kedit.generation import generate_ids, row_seed
     from kedit.models import kedit_home, model_fingerprint
@@ -119,19 +126,28 @@ def sampled_corpus(model, tok, tokens: int, seed: int = 0, progress: bool = True
     path = kedit_home() / "corpus" / f"{model_fingerprint(model)}-s{seed}-n{tokens}.jsonl"
     if not path.is_file():
         prefix_ids = [tok(p)["input_ids"] for p in PREFIXES]
+        which = lambda r: (r // per_prefix) % len(PREFIXES)  # noqa: E731  (prefix index of row r)
         docs: list[str] = []
         n = 0
         while n < tokens:  # every sample holds at least its prefix, so this ends
-            # enough rows for the rest if none stops early; rows that hit EOS early are topped up next round
-            rows = range(len(docs), len(docs) + max(1, -(-(tokens - n) // max_new_tokens)))
-            new = generate_ids(model, [prefix_ids[r % len(PREFIXES)] for r in rows], max_new_tokens, top_k=top_k,
+            # rows for the rest, 15% spare for rows that stop early at EOS: a top-up round costs another
+            # max_new_tokens sequential steps, spare rows in the same batch cost only their own compute
+            per_row = n / len(docs) if docs else max_new_tokens  # tokens per row so far
+            rows = range(len(docs), len(docs) + max(1, math.ceil(1.15 * (tokens - n) / max(per_row, 1))))
+            new = generate_ids(model, [prefix_ids[which(r)] for r in rows], max_new_tokens, top_k=top_k,
                                seeds=[row_seed(seed, r) for r in rows], eos_token_id=tok.eos_token_id,
                                pad_token_id=pad_id(tok), progress=progress, desc="sampling corpus")
             for r, ids in zip(rows, new, strict=True):
-                text = PREFIXES[r % len(PREFIXES)] + tok.decode(ids, skip_special_tokens=True)
+                text = PREFIXES[which(r)] + tok.decode(ids, skip_special_tokens=True)
                 docs.append(text)
                 n += len(tok(text, add_special_tokens=False)["input_ids"])
-        write_text(path, "".join(json.dumps({"text": t}) + "\n" for t in docs))
+        text = "".join(json.dumps({"text": t}) + "\n" for t in docs)
+        try:
+            write_text(path, text)
+        except OSError as e:  # read-only KEDIT_HOME: the sampled text is still good for this run
+            warn_cache_unwritable("sampled corpus", path, e)
+            h = hashlib.sha256(b"jsonl\0text\0" + text.encode("utf-8"))  # = open_corpus(path) of that file
+            return Corpus(path, "jsonl", h.hexdigest(), "text", docs=tuple(docs))
     return open_corpus(path)
 
 

@@ -18,18 +18,18 @@ import torch
 
 import kedit
 from kedit.arch import ArchitectureAdapter
+from kedit.batch import KL_PROMPT, TokenBatch
 from kedit.edit import Edit
 from kedit.errors import EditFailed, KeditError
 from kedit.hooks import Trace
-from kedit.models import model_fingerprint
-from kedit.optimize import AnchorConfig, AnchorProblem, Anchors, optimize_anchors
+from kedit.models import device_map_summary, model_fingerprint, model_info
+from kedit.optimize import AnchorConfig, Anchors, optimize_anchors
+from kedit.progress import bar
 from kedit.requests import EditRequest, check_batch
-from kedit.solvers import LayerProblem, make_solver
-from kedit.targets import make_targets
+from kedit.solvers import LayerProblem, make_solver, resolve_defaults, with_hparams, work_dtype
+from kedit.targets import make_targets, preferred_hparams
 from kedit.templates import context_templates
-from kedit.tokens import encode_with_subject, pad_id, pad_right, target_ids, teacher_forced
-
-KL_PROMPT = "{} is a"  # METHODS §4: protects the subject's essence
+from kedit.tokens import check_limits, pad_id
 
 
 def default_layers(n_layers: int, multi_layer: bool) -> list[int]:
@@ -43,25 +43,6 @@ def default_layers(n_layers: int, multi_layer: bool) -> list[int]:
         return [start]
     width = max(1, min(5, round(n_layers / 6)))
     return list(range(start, min(n_layers, start + width)))
-
-
-def default_solver_hparams(method: str, targets: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The user's solver hyperparameters, plus a preservation weight ``lam`` suited to the targets.
-
-    Backward spreading hands layer j only ``1/(L-j+1)`` of the residual, so at equal ``lam`` it
-    pushes far less than forward replay or one-layer editing, which give every layer its full residual.
-    Measured on SmolLM2 (10 counterfactuals, layers 4-8): backward needs lam <= 6000 for 9/10 edits
-    to take, forward replay <= 15000 (the MEMIT papers' value), hence 5000 and 15000.
-    """
-    from kedit.solvers import SOLVERS
-
-    lam = 5000.0 if targets == "backward" else 15000.0
-    fields = getattr(SOLVERS.get(method), "__dataclass_fields__", {})
-    if "lam" in fields and "lam" not in given:
-        return {**given, "lam": lam}
-    if "base" in fields and "base" not in given:  # PRUNE / RECT post-process MEMIT: same preservation weight
-        return {**given, "base": {"name": "memit", "lam": lam}}
-    return dict(given)
 
 
 def default_anchor_config(model, multi_layer: bool, **overrides: Any) -> AnchorConfig:
@@ -85,42 +66,6 @@ def describe(obj: Any) -> Any:
     return {"name": getattr(obj, "name", type(obj).__name__)}
 
 
-class _Prepared:
-    """Token-level view of a batch of requests: key-reading batch and anchor-optimisation chunks."""
-
-    def __init__(self, tok, requests: list[EditRequest], templates: list[str], chunk: int):
-        self.n, self.T = len(requests), len(templates)
-        self.requests = tuple(requests)
-        pad = pad_id(tok)
-        seqs, decisive, req_of = [], [], []
-        self.targets = []
-        kl = []
-        for i, r in enumerate(requests):
-            self.targets.append(target_ids(tok, r.filled, r.target_new))
-            for t in templates:
-                enc = encode_with_subject(tok, t.replace("{}", r.prompt, 1), r.subject)
-                seqs.append(enc.ids)
-                decisive.append(enc.decisive)
-                req_of.append(i)
-            kl.append(encode_with_subject(tok, KL_PROMPT, r.subject))
-        # key batch: every template sequence, prompt only; row i*T is request i's bare prompt
-        self.key_ids, self.key_mask = pad_right(seqs, pad)
-        self.key_decisive = torch.tensor(decisive)
-        self.key_request = torch.tensor(req_of)
-        self.bare_rows = torch.arange(self.n) * self.T
-        self.chunks = []
-        for lo in range(0, self.n, chunk):
-            hi = min(self.n, lo + chunk)
-            rows = list(range(lo * self.T, hi * self.T))
-            tf = teacher_forced([seqs[s] for s in rows], [self.targets[req_of[s]] for s in rows], pad)
-            kl_ids, kl_mask = pad_right([kl[i].ids for i in range(lo, hi)], pad)
-            self.chunks.append(AnchorProblem(
-                rewrite=tf, rewrite_decisive=self.key_decisive[rows], rewrite_request=self.key_request[rows] - lo,
-                kl_ids=kl_ids, kl_mask=kl_mask, kl_decisive=torch.tensor([kl[i].decisive for i in range(lo, hi)]),
-                kl_last=kl_mask.sum(1) - 1, bare_rows=torch.arange(hi - lo) * self.T, n=hi - lo,
-            ))
-
-
 class Editor:
     """Edits facts in ``model`` (in place) with one solver and one target construction.
 
@@ -132,8 +77,11 @@ class Editor:
     ``{layer: C [f, f]}`` mapping; ``anchor``: AnchorConfig overrides (dict) or an AnchorConfig;
     ``diagnostics``: record per edited layer the remaining residual ratio at the last layer, the cosine
     between its own and its induced output change, and its update norm (one extra bare-prompt pass per
-    layer); other keyword arguments are the solver's hyperparameters. Sequential calls to ``apply`` carry
-    the solver state (e.g. MEMIT's ``C_cache``); ``reset()`` forgets it.
+    layer); other keyword arguments are the solver's hyperparameters, for a name or an object alike (applied
+    with ``dataclasses.replace``, unknown names rejected); a preservation weight ``lam`` left at its default
+    takes the target construction's preferred value (``kedit.solvers.resolve_defaults``), recorded in
+    ``config()["solver"]``. Sequential calls to ``apply`` carry the solver state (e.g. MEMIT's ``C_cache``);
+    ``reset()`` forgets it.
 
     ``anchor_cache``: a dict shared by several editors (e.g. one per solver) so that anchors already
     optimised for the same weights, requests, layer, templates and anchor settings are reused: the
@@ -147,10 +95,9 @@ class Editor:
         self.model, self.tok = model, tok
         self.adapter = ArchitectureAdapter.from_model(model)
         self.builder = make_targets(targets) if isinstance(targets, str) else targets
-        if isinstance(method, str):
-            self.solver = make_solver(method, **default_solver_hparams(method, self.builder.name, hparams))
-        else:
-            self.solver = method
+        # names and objects alike: hparams applied (checked), then the target construction's preferred lam
+        solver = make_solver(method, **hparams) if isinstance(method, str) else with_hparams(method, **hparams)
+        self.solver = resolve_defaults(solver, preferred_hparams(self.builder))
         multi = getattr(self.solver, "multi_layer", True)
         self.layers = sorted(self.adapter.check_layer(int(x)) for x in (layers or default_layers(
             self.adapter.n_layers, multi)))
@@ -183,11 +130,21 @@ class Editor:
         return self._templates
 
     def config(self) -> dict[str, Any]:
-        """Everything this editor uses: model identity, layers, hyperparameters, seed, templates."""
+        """Everything this editor uses: model identity, dtype, placement, layers, hyperparameters, seed, templates.
+
+        ``dtype``: the edited weights' dtype; ``devices``: where the W_out of every block lives
+        (``{"cpu": 30}``, ``{"cuda:0": 20, "offload": 12}``); ``device_map``: accelerate's map when the
+        model was dispatched, summarised as ``{device: n_modules}``.
+        """
+        import transformers
+
         stats = "user-supplied matrices" if isinstance(self.stats, dict) else describe(self.stats)
+        info = model_info(self.model)
         return {
-            "kedit_version": kedit.__version__,
-            "model": getattr(self.model, "kedit_name", None), "revision": getattr(self.model, "kedit_revision", None),
+            "kedit_version": kedit.__version__, "transformers": transformers.__version__,
+            "model": info.name, "revision": info.revision,
+            "dtype": str(self.adapter.w_out_storage(self.layers[0]).dtype),
+            "devices": self.adapter.offload_summary(), "device_map": device_map_summary(self.model),
             "fingerprint": self.fingerprint, "architecture": self.adapter.describe(),
             "method": self.solver.name, "solver": describe(self.solver),
             "targets": self.builder.name, "layers": self.layers,
@@ -224,20 +181,23 @@ class Editor:
 
     # -- forward passes the targets and the loop need ------------------------------------------
     @torch.no_grad()
-    def _read(self, prep: _Prepared, key_layers: list[int], hidden_layers: list[int],
+    def _read(self, prep: TokenBatch, key_layers: list[int], hidden_layers: list[int],
               chunk: int = 256) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Template-averaged keys ``{l: [n, f]}`` and bare-prompt residuals ``{l: [n, d]}`` now.
 
-        Without ``key_layers`` only the bare-prompt rows are run (1/T of the template rows).
+        Without ``key_layers`` only the bare-prompt rows are run (1/T of the template rows). Inputs go to
+        the embedding's device; keys are captured on their W_out's device and summed there in the solve
+        precision; both results are returned on CPU (``[n, f]``/``[n, d]``: small).
         """
-        device = next(self.model.parameters()).device
-        keys = {layer: torch.zeros(prep.n, self.adapter.d_ff, dtype=torch.float64) for layer in key_layers}
+        device = self.adapter.input_device
+        keys = {layer: torch.zeros(prep.n, self.adapter.d_ff, dtype=work_dtype(self.adapter.layer_device(layer)),
+                                   device=self.adapter.layer_device(layer)) for layer in key_layers}
         hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
         rows = torch.arange(prep.key_ids.shape[0]) if key_layers else prep.bare_rows
         for lo in range(0, len(rows), chunk):
             sl = rows[lo:lo + chunk]
             width = int(prep.key_mask[sl].sum(1).max())
-            idx = (torch.arange(len(sl), device=device), prep.key_decisive[sl].to(device))
+            idx = (torch.arange(len(sl)), prep.key_decisive[sl])  # Trace moves it to each activation's device
             with Trace(self.adapter) as tr:
                 for layer in key_layers:
                     tr.capture_key(layer, idx)
@@ -247,23 +207,26 @@ class Editor:
                 tr.run(input_ids=prep.key_ids[sl, :width].to(device),
                        attention_mask=prep.key_mask[sl, :width].to(device))
             for layer in key_layers:
-                keys[layer].index_add_(0, prep.key_request[sl], tr.keys[layer].double().cpu())
+                acc = keys[layer]
+                k = tr.keys[layer].to(device=acc.device, dtype=acc.dtype)  # [m, f]
+                acc.index_add_(0, prep.key_request[sl].to(acc.device), k)
             bare = (sl % prep.T) == 0
             for layer in hidden_layers:
-                hidden[layer].append(tr.blocks[layer][bare.to(device)].float().cpu())
-        return ({k: v / prep.T for k, v in keys.items()}, {k: torch.cat(v) for k, v in hidden.items()})
+                h = tr.blocks[layer]
+                hidden[layer].append(h[bare.to(h.device)].float().cpu())
+        return ({k: (v / prep.T).cpu() for k, v in keys.items()}, {k: torch.cat(v) for k, v in hidden.items()})
 
     @torch.no_grad()
-    def _replay(self, prep: _Prepared, layer: int, z: torch.Tensor, read_layers: list[int]) -> dict[int, torch.Tensor]:
+    def _replay(self, prep: TokenBatch, layer: int, z: torch.Tensor, read_layers: list[int]) -> dict[int, torch.Tensor]:
         """Outputs of ``read_layers`` when block ``layer`` outputs ``z`` at the decisive tokens (METHODS §6)."""
         if not read_layers:
             return {}
-        device = next(self.model.parameters()).device
+        device = self.adapter.input_device
         rows = prep.bare_rows
         width = int(prep.key_mask[rows].sum(1).max())
-        idx = (torch.arange(prep.n, device=device), prep.key_decisive[rows].to(device))
+        idx = (torch.arange(prep.n), prep.key_decisive[rows])  # Trace moves index and z to block layer's device
         with Trace(self.adapter) as tr:
-            tr.set_block(layer, idx, z.to(device))
+            tr.set_block(layer, idx, z)
             for later in read_layers:
                 tr.capture_block(later, idx)
             tr.stop_after(max(read_layers))
@@ -271,7 +234,7 @@ class Editor:
                    attention_mask=prep.key_mask[rows, :width].to(device))
         return {later: tr.blocks[later].float().cpu() for later in read_layers}
 
-    def _session(self, prep: _Prepared, log: dict[str, Any]):
+    def _session(self, prep: TokenBatch, log: dict[str, Any]):
         editor = self
 
         class Session:
@@ -286,8 +249,14 @@ class Editor:
                         log.setdefault("anchors", []).append({"layer": layer, "reused": True})
                         return cache[key]
                 editor._log(f"optimising {prep.n} anchors at layer {layer}")
-                a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
-                                     pad_id(editor.tok))
+                steps = editor.anchor_cfg.steps
+                with bar(len(prep.chunks) * steps, f"anchors L{layer}", "step", editor.verbose) as pb:
+                    def on_step(chunk: int, step: int, converged: int) -> None:
+                        pb.n = chunk * steps + step
+                        pb.set_postfix_str(f"converged {converged}/{prep.chunks[chunk].n}", refresh=True)
+
+                    a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
+                                         pad_id(editor.tok), on_step=on_step)
                 if key is not None:
                     cache[key] = a
                 log.setdefault("anchors", []).append({
@@ -304,10 +273,11 @@ class Editor:
         return Session()
 
     # -- the loop ------------------------------------------------------------------------------
-    def prepare(self, requests: list[EditRequest]) -> tuple[_Prepared, Any, dict[str, Any]]:
+    def prepare(self, requests: list[EditRequest]) -> tuple[TokenBatch, Any, dict[str, Any]]:
         """Validate, tokenise, compute statistics and build the targets (before any weight changes)."""
         check_batch(requests)
-        prep = _Prepared(self.tok, requests, self.templates, self.anchor_cfg.batch_size)
+        check_limits(self.tok, requests)  # before any forward pass: long inputs cost minutes and rarely take
+        prep = TokenBatch(self.tok, requests, self.templates, self.anchor_cfg.batch_size)
         for layer in self.layers:
             self.second_moment(layer)
         log: dict[str, Any] = {}
@@ -323,10 +293,15 @@ class Editor:
         prep, targets, log = self.prepare(requests)
         edit, pending = self._edit_loop(requests, prep, targets, log)
         previous = copy.deepcopy(self.state)
-        for layer, problem, delta in pending:
-            self.state[layer] = problem.state
-            if hasattr(self.solver, "update_state"):
-                self.solver.update_state(self.state[layer], problem, delta)
+        try:
+            for layer, problem, delta in pending:
+                self.state[layer] = problem.state
+                if hasattr(self.solver, "update_state"):
+                    self.solver.update_state(self.state[layer], problem, delta)
+        except BaseException:  # Ctrl-C too: weights and solver state go back together
+            self.state = previous
+            edit.undo()
+            raise
         edit._on_undo = lambda: setattr(self, "state", previous)
         edit.record["timings"]["total"] = time.perf_counter() - t_start
         return edit
@@ -341,7 +316,7 @@ class Editor:
         prep, targets, log = self.prepare(requests)
         self.timings["optimize"] = log.get("optimize_seconds", 0.0)
         for i, request in enumerate(requests):
-            sub = _Prepared(self.tok, [request], self.templates, 1)
+            sub = TokenBatch(self.tok, [request], self.templates, 1)
             try:
                 edit, _ = self._edit_loop([request], sub, targets.select([i]), log)
             except EditFailed:
@@ -353,7 +328,7 @@ class Editor:
             if edit.is_applied:
                 raise KeditError("apply_each: undo() each yielded edit before asking for the next one")
 
-    def _edit_loop(self, requests, prep: _Prepared, targets, log: dict[str, Any]) -> tuple[Edit, list]:
+    def _edit_loop(self, requests, prep: TokenBatch, targets, log: dict[str, Any]) -> tuple[Edit, list]:
         """Per edited layer, shallow to deep: current keys and states -> R -> solve -> apply."""
         record = {**self.config(), "n_requests": len(requests), "edit_layers": targets.edit_layers}
         edit = Edit(requests, record)
@@ -364,13 +339,18 @@ class Editor:
         layer = targets.edit_layers[0]
         try:
             h_final_before = None
-            for j, layer in enumerate(targets.edit_layers):
+            for j, layer in enumerate(bar(desc="keys+solve", unit="layer", enabled=self.verbose and len(
+                    targets.edit_layers) > 1, iterable=targets.edit_layers)):
                 keys, hidden = self._read(prep, [layer], sorted({layer, final}))
                 if self.diagnostics and h_final_before is None:
                     h_final_before = hidden[final]
                 R = targets.residual(j, hidden.__getitem__)  # [n, d]
-                W = self.adapter.w_out_weight(layer).detach().double().cpu()
-                problem = LayerProblem(layer, K=keys[layer].T, R=R.T.double(), C=self.second_moment(layer), W=W,
+                # the solve runs on the edited layer's device in its solve precision (fp64 on CPU/CUDA)
+                dev = self.adapter.layer_device(layer)
+                at = {"device": dev, "dtype": work_dtype(dev)}
+                problem = LayerProblem(layer, K=keys[layer].T.to(**at), R=R.T.to(**at),
+                                       C=self.second_moment(layer).to(**at),
+                                       W=self.adapter.w_out_weight(layer).detach().to(**at),
                                        state=copy.copy(self.state[layer]))
                 delta = self.solver.solve(problem)
                 edit.add_layer(self.adapter, layer, delta)
@@ -378,8 +358,10 @@ class Editor:
                 pending.append((layer, problem, delta))
                 if self.diagnostics:
                     diag.append(self._diagnose(prep, targets, layer, keys[layer], hidden, delta, h_final_before))
-        except Exception as e:
+        except BaseException as e:  # Ctrl-C too: restore every touched layer, then re-raise as is
             edit.undo()
+            if not isinstance(e, Exception):
+                raise
             if isinstance(e, EditFailed):
                 raise EditFailed(f"{e}; every touched layer was restored") from e
             raise EditFailed(f"editing failed at layer {layer} ({type(e).__name__}: {e}); "
@@ -398,8 +380,9 @@ class Editor:
         _, after = self._read(prep, [], [final])  # bare prompts only: cheap enough to be on by default
         z = targets.final_target
         start = (z - h_final_before).norm(dim=-1)
-        own = (K.double() @ delta.dense().T.double()).float()  # [n, d] this layer's output change
+        D = delta.dense().double().cpu()  # [d, f]
+        own = (K.double() @ D.T).float()  # [n, d] this layer's output change
         induced = after[final] - hidden[final]  # [n, d] change it caused at the last layer
         cos = torch.nn.functional.cosine_similarity(own, induced, dim=-1)
         return {"layer": layer, "residual_ratio": ((z - after[final]).norm(dim=-1) / start).mean().item(),
-                "cos_own_induced": cos.mean().item(), "delta_norm": delta.dense().norm().item()}
+                "cos_own_induced": cos.mean().item(), "delta_norm": D.norm().item()}

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kedit.arch import input_device
 from kedit.tokens import pad_id, pad_left
 
 KV_BUDGET_BYTES = 512 << 20  # default batch: rows whose full KV cache fits in this many bytes
@@ -129,7 +130,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | 
 
 
 def _generate_batch(model, prompts, limits, top_k, seeds, eos, pad, bar) -> list[list[int]]:
-    device = next(model.parameters()).device
+    device = input_device(model)  # the input embedding's device (dispatch-aware)
     b = len(prompts)
     ids, mask = (x.to(device) for x in pad_left([list(p) for p in prompts], pad))  # [b, T]
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # [b, T]: real tokens count from 0 whatever the padding
@@ -169,13 +170,14 @@ def _generate_batch(model, prompts, limits, top_k, seeds, eos, pad, bar) -> list
         if not keep:
             break
         if len(keep) < len(live) and can_select:
-            sel = torch.tensor(keep, device=device)
+            sel = torch.tensor(keep)  # a CPU index works for the cache layers on any device
             try:
                 cache.batch_select_indices(sel)
             except Exception:  # a cache that cannot select rows: finished rows stay, masked by `finished`
                 can_select = False
             else:
-                live, nxt, mask, pos = [live[j] for j in keep], nxt[sel], mask[sel], pos[sel]
+                live, nxt = [live[j] for j in keep], nxt[sel.to(nxt.device)]
+                mask, pos = mask[sel.to(device)], pos[sel.to(device)]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos[:, -1:] + 1
         logits = model(input_ids=nxt[:, None].to(device), attention_mask=mask, position_ids=pos, use_cache=True,

@@ -7,11 +7,14 @@ Sites (per block ``l``):
 
 Callbacks always see a tensor, whether the block returns a tensor or a tuple (transformers changed
 this between versions), and every hook is removed in ``__exit__`` even when the forward raises.
+Indices and patch values follow the activation they touch to its device and dtype, so a model whose
+blocks sit on several devices (accelerate dispatch) is traced like a single-device one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,7 +29,8 @@ class StopForward(Exception):
     """Raised inside a hook to end the forward pass after the deepest layer that is needed."""
 
 
-def _first(output: Any) -> torch.Tensor:
+def block_output(output: Any) -> torch.Tensor:
+    """The residual tensor of a block's output, whether the block returns a tensor or a tuple."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -34,8 +38,32 @@ def _replace_first(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
+def _on(index: Index, x: torch.Tensor) -> Index:
+    """``index`` on ``x``'s device (no copy when already there)."""
+    return index[0].to(x.device), index[1].to(x.device)
+
+
 def _gather(x: torch.Tensor, index: Index | None) -> torch.Tensor:
-    return x if index is None else x[index[0], index[1]]
+    if index is None:
+        return x
+    rows, pos = _on(index, x)
+    return x[rows, pos]
+
+
+@contextmanager
+def record_block_calls(blocks: Sequence[torch.nn.Module]) -> Iterator[list[tuple[tuple, dict]]]:
+    """Within the block, every call of each of ``blocks`` appends ``(args[1:], kwargs)`` to the yielded list.
+
+    The first positional argument (the residual stream) is left out: it is what a caller replays.
+    """
+    calls: list[tuple[tuple, dict]] = []
+    handles = [b.register_forward_pre_hook(lambda _m, args, kwargs: calls.append((args[1:], dict(kwargs))),
+                                           with_kwargs=True) for b in blocks]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class Trace:
@@ -109,17 +137,18 @@ class Trace:
         block = self.adapter.blocks[self.adapter.check_layer(layer)]
 
         def hook(_m: Any, _args: tuple, out: Any) -> Any:
-            return _replace_first(out, fn(_first(out)))
+            return _replace_first(out, fn(block_output(out)))
 
         self._handles.append(block.register_forward_hook(hook))
 
     def add_to_block(self, layer: int, index: Index, delta: torch.Tensor) -> None:
         """``h_layer[rows, positions] += delta`` (``delta`` is ``[m, d]``; gradients flow to it)."""
-        self.patch_block(layer, lambda h: h.index_put((index[0], index[1]), delta.to(h.dtype), accumulate=True))
+        self.patch_block(layer, lambda h: h.index_put(_on(index, h), delta.to(device=h.device, dtype=h.dtype),
+                                                      accumulate=True))
 
     def set_block(self, layer: int, index: Index, values: torch.Tensor) -> None:
         """``h_layer[rows, positions] = values`` (``values`` is ``[m, d]``)."""
-        self.patch_block(layer, lambda h: h.index_put((index[0], index[1]), values.to(h.dtype)))
+        self.patch_block(layer, lambda h: h.index_put(_on(index, h), values.to(device=h.device, dtype=h.dtype)))
 
     def patch_key_output(self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace W_out's output at ``layer`` by ``fn(out)`` (e.g. a fresh leaf that roots a gradient graph)."""

@@ -49,36 +49,48 @@ def write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
     return write_text(path, json.dumps(obj, **dumps_kwargs))
 
 
-def read_text(path: str | os.PathLike, error: type[KeditError] = KeditError) -> str:
-    """A file's UTF-8 text; raises ``error`` naming the file if it cannot be read or is not UTF-8."""
+def read_text(path: str | os.PathLike, error: type[Exception] = KeditError) -> str:
+    """A file's UTF-8 text; raises ``error`` naming the file (and the line and byte of a non-UTF-8 byte)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+        data = Path(path).read_bytes()
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
-
-
-def iter_jsonl(path: str | os.PathLike, error: type[KeditError] = KeditError) -> Iterator[tuple[int, Any]]:
-    """``(line number, record)`` for each non-blank line of a JSONL file, streamed; errors name file and line."""
     try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield lineno, _loads(line, error, f"{path}:{lineno}")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+        line = data[:e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+
+
+def iter_jsonl(path: str | os.PathLike, error: type[Exception] = KeditError,
+               encoding_error: type[Exception] | None = None) -> Iterator[tuple[int, Any]]:
+    """``(line number, record)`` for each non-blank line of a JSONL file, streamed.
+
+    Invalid JSON raises ``error``, a non-UTF-8 line ``encoding_error`` (default ``error``); both name file and line.
+    """
+    try:
+        f = open(path, "rb")  # decoded per line, so a bad byte is reported with its line
     except OSError as e:
         raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise (encoding_error or error)(
+                    f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+            if line.strip():
+                yield lineno, _loads(line, error, f"{path}:{lineno}")
 
 
-def read_records(path: str | os.PathLike, error: type[KeditError] = KeditError) -> list[tuple[str, Any]]:
+def read_records(path: str | os.PathLike, error: type[Exception] = KeditError,
+                 encoding_error: type[Exception] | None = None) -> list[tuple[str, Any]]:
     """``(where, record)`` pairs from a JSON list or a JSONL file (blank lines skipped).
 
     ``where`` names the record for messages: ``"PATH record I"`` (JSON list) or ``"PATH:LINE"`` (JSONL).
-    Invalid JSON, a JSON document that is not a list, or non-UTF-8 bytes raise ``error`` naming the file.
+    Invalid JSON raises ``error``; non-UTF-8 bytes raise ``encoding_error`` (default ``error``), naming the line.
     """
-    text = read_text(path, error)
+    text = read_text(path, encoding_error or error)
     if text.lstrip().startswith("["):
         data = _loads(text, error, str(path))
         return [(f"{path} record {i}", r) for i, r in enumerate(data)]
@@ -89,7 +101,7 @@ def read_records(path: str | os.PathLike, error: type[KeditError] = KeditError) 
     return out
 
 
-def _loads(text: str, error: type[KeditError], where: str) -> Any:
+def _loads(text: str, error: type[Exception], where: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

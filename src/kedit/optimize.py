@@ -19,6 +19,7 @@ caches).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 
 from kedit.arch import ArchitectureAdapter
 from kedit.generation import cache_kwargs
-from kedit.hooks import Trace, _first
+from kedit.hooks import Trace, block_output, record_block_calls
 from kedit.tokens import TeacherForced
 
 
@@ -101,7 +102,7 @@ class _Layout:
     tok_weight: torch.Tensor  # [m] 1 / (tokens of its sequence * templates of its request)
 
 
-def _layout(p: AnchorProblem, pad: int) -> _Layout:
+def anchor_layout(p: AnchorProblem, pad: int) -> _Layout:
     tf = p.rewrite
     seqs = [tf.input_ids[r, : int(tf.attention_mask[r].sum())].tolist() for r in range(tf.n)]
     seqs += [p.kl_ids[i, : int(p.kl_mask[i].sum())].tolist() for i in range(p.n)]
@@ -146,17 +147,10 @@ class _SuffixReplay:
         self.cache = out.past_key_values
         self.prefix = [(c.keys[:, :, : lay.P], c.values[:, :, : lay.P]) for c in self.cache.layers]
         self._reset()
-        self.calls: list[tuple[tuple, dict]] = []
-        handles = [b.register_forward_pre_hook(lambda _m, args, kwargs: self.calls.append((args[1:], dict(kwargs))),
-                                               with_kwargs=True) for b in adapter.blocks[layer + 1:]]
-        try:
-            with torch.no_grad(), Trace(adapter) as tr:
-                tr.stop_after(adapter.n_layers - 1)
-                tr.run(input_ids=lay.ids[:, lay.P:], attention_mask=lay.mask, position_ids=lay.pos[:, lay.P:],
-                       use_cache=True, **cache_kwargs(adapter.model, self.cache))  # no deprecated keyword
-        finally:
-            for h in handles:
-                h.remove()
+        with record_block_calls(adapter.blocks[layer + 1:]) as self.calls, torch.no_grad(), Trace(adapter) as tr:
+            tr.stop_after(adapter.n_layers - 1)
+            tr.run(input_ids=lay.ids[:, lay.P:], attention_mask=lay.mask, position_ids=lay.pos[:, lay.P:],
+                   use_cache=True, **cache_kwargs(adapter.model, self.cache))  # no deprecated keyword
 
     def _reset(self) -> None:
         for c, (k, v) in zip(self.cache.layers, self.prefix):
@@ -165,16 +159,21 @@ class _SuffixReplay:
     def subset(self, keep: torch.Tensor) -> None:
         """Keep batch rows ``keep`` (converged requests leave the batch)."""
         batch = self.h.shape[0]
-        self.h = self.h[keep]
-        self.prefix = [(k[keep], v[keep]) for k, v in self.prefix]
+        self.h = self.h[keep.to(self.h.device)]
+        self.prefix = [(k[keep.to(k.device)], v[keep.to(v.device)]) for k, v in self.prefix]
         self.calls = [_subset_rows(c, keep, batch) for c in self.calls]
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         self._reset()
         for block, (args, kwargs) in zip(self.adapter.blocks[self.layer + 1:], self.calls, strict=True):
-            h = _first(block(h, *args, **kwargs))
+            h = block_output(block(h, *args, **kwargs))
         self._reset()  # drop the suffix keys/values (and the graph they hold) from the cache
         return h
+
+
+def _at(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``x[rows, cols]`` with the indices moved to ``x``'s device (blocks may sit on several devices)."""
+    return x[rows.to(x.device), cols.to(x.device)]
 
 
 def _adam(delta, grad, m, v, step, lr, b1=0.9, b2=0.999, eps=1e-8):
@@ -187,15 +186,21 @@ def _adam(delta, grad, m, v, step, lr, b1=0.9, b2=0.999, eps=1e-8):
 
 
 def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorProblem], layer: int,
-                     cfg: AnchorConfig, pad: int, progress=None) -> Anchors:
-    """Optimise one delta per request at ``layer``; ``chunks`` are consecutive groups of requests."""
+                     cfg: AnchorConfig, pad: int, progress=None,
+                     on_step: Callable[[int, int, int], None] | None = None) -> Anchors:
+    """Optimise one delta per request at ``layer``; ``chunks`` are consecutive groups of requests.
+
+    ``on_step(chunk_index, step, converged)``: called after every optimisation step (progress display).
+    """
     start = time.perf_counter()
     parts = []
-    for chunk in chunks:
-        parts.append(_optimize_chunk(model, adapter, chunk, layer, cfg, pad))
+    for c, chunk in enumerate(chunks):
+        step_cb = None if on_step is None else (lambda it, done, c=c: on_step(c, it, done))
+        parts.append(_optimize_chunk(model, adapter, chunk, layer, cfg, pad, step_cb))
         if progress is not None:
             progress.update(chunk.n)
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    # anchors are small ([n, d]) and meet CPU-side residuals in the targets: returned on CPU, fp32
+    cat = lambda name: torch.cat([getattr(p, name).cpu() for p in parts])  # noqa: E731
     return Anchors(layer, cat("z"), cat("h"), cat("delta"), cat("nll_start"), cat("nll_end"), cat("steps"),
                    time.perf_counter() - start, sum(p.flops for p in parts),
                    {"replay": all(p.extra["replay"] for p in parts)})
@@ -204,7 +209,7 @@ def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorPro
 def _subset_rows(obj: Any, keep: torch.Tensor, batch: int) -> Any:
     """Select batch rows ``keep`` in every tensor of a captured block call whose dim 0 is the batch."""
     if isinstance(obj, torch.Tensor):
-        return obj[keep] if obj.dim() > 0 and obj.shape[0] == batch else obj
+        return obj[keep.to(obj.device)] if obj.dim() > 0 and obj.shape[0] == batch else obj
     if isinstance(obj, tuple):
         return tuple(_subset_rows(x, keep, batch) for x in obj)
     if isinstance(obj, list):
@@ -215,10 +220,10 @@ def _subset_rows(obj: Any, keep: torch.Tensor, batch: int) -> Any:
 
 
 def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer: int, cfg: AnchorConfig,
-                    pad: int) -> Anchors:
-    device = next(model.parameters()).device
+                    pad: int, on_step: Callable[[int, int], None] | None = None) -> Anchors:
+    device = adapter.input_device  # token ids go to the embedding; bookkeeping follows h_layer (below)
     n, d = p.n, adapter.d_model
-    lay = _layout(p, pad)
+    lay = anchor_layout(p, pad)
     ids, mask, pos, P = lay.ids.to(device), lay.mask.to(device), lay.pos.to(device), lay.P
     row_req, row_kl, row_last = lay.row_req.to(device), lay.row_kl.to(device), lay.row_last.to(device)
     tok_row, tok_col, labels = lay.tok_row.to(device), lay.tok_col.to(device), lay.labels.to(device)
@@ -228,9 +233,10 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
     try:
         replay = _SuffixReplay(adapter, layer, _Layout(**{**lay.__dict__, "ids": ids, "mask": mask, "pos": pos}))
         with torch.no_grad():  # the replay must reproduce the real forward, else use full passes
-            ref = replay.ref_logits[tok_row, tok_col]
-            got = adapter.unembed(replay(replay.h)[tok_row, tok_col])
-            ok = bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-3 * (1 + ref.abs().max().item())))
+            ref = _at(replay.ref_logits, tok_row, tok_col).float()
+            got = adapter.unembed(_at(replay(replay.h), tok_row, tok_col)).float().to(ref.device)
+            tol = max(1e-3, 8 * torch.finfo(replay.h.dtype).eps)  # bf16/fp16: a few roundings differ
+            ok = bool(torch.allclose(got, ref, rtol=tol, atol=tol * (1 + ref.abs().max().item())))
         h_suffix = replay.h
         replay.ref_logits = None
     except (AttributeError, TypeError, ValueError, RuntimeError):  # no reusable per-layer key/value cache
@@ -242,6 +248,12 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
             tr.stop_after(layer)
             tr.run(input_ids=ids, attention_mask=mask, position_ids=pos)
         h_suffix = tr.blocks[layer][:, P:]
+    # delta, its optimiser state and the per-request loss live on h_layer's device, in fp32 whatever
+    # the model's dtype (the loss is computed from fp32 logits); delta is cast to h's dtype when added
+    device = h_suffix.device
+    row_req, row_kl, row_last = row_req.to(device), row_kl.to(device), row_last.to(device)
+    tok_row, tok_col, labels, tok_weight = tok_row.to(device), tok_col.to(device), labels.to(device), \
+        tok_weight.to(device)
     bare = p.bare_rows.to(device)
     h0 = h_suffix[bare, 0].float()  # [n, d]: the decisive token is suffix column 0 in every row
     max_norm = cfg.clamp_norm_factor * h0.norm(dim=-1)  # [n]
@@ -266,7 +278,8 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
             kept_tok = keep[tok_row]
             tok_row, tok_col = new_index[tok_row[kept_tok]], tok_col[kept_tok]
             labels, tok_weight = labels[kept_tok], tok_weight[kept_tok]
-            ids, mask, pos, h_suffix = ids[keep], mask[keep], pos[keep], h_suffix[keep]
+            keep_in = keep.to(ids.device)
+            ids, mask, pos, h_suffix = ids[keep_in], mask[keep_in], pos[keep_in], h_suffix[keep]
             row_req, row_last, row_kl = row_req[keep], row_last[keep], row_kl[keep]
             if replay is not None:
                 replay.subset(keep)
@@ -278,14 +291,14 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
             if replay is not None:
                 first = h_suffix[:, :1] + dl[row_req][:, None].to(h_suffix.dtype)
                 h = replay(torch.cat([first, h_suffix[:, 1:]], 1))  # [B, W-P, d]
-                logits_t = adapter.unembed(h[tok_row, tok_col]).float()  # [m, V]
-                logits_kl = adapter.unembed(h[kl_rows, row_last[kl_rows]]).float()  # [k, V]
+                logits_t = adapter.unembed(_at(h, tok_row, tok_col)).float().to(device)  # [m, V]
+                logits_kl = adapter.unembed(_at(h, kl_rows, row_last[kl_rows])).float().to(device)  # [k, V]
             else:
                 with Trace(adapter, detach=False) as tr:
                     tr.add_to_block(layer, (rows, torch.full_like(rows, P)), dl[row_req])
                     out = tr.run(input_ids=ids, attention_mask=mask, position_ids=pos)
-                logits_t = out.logits[tok_row, tok_col + P].float()
-                logits_kl = out.logits[kl_rows, row_last[kl_rows] + P].float()
+                logits_t = _at(out.logits, tok_row, tok_col + P).float().to(device)
+                logits_kl = _at(out.logits, kl_rows, row_last[kl_rows] + P).float().to(device)
         tok_nll = -torch.log_softmax(logits_t, -1).gather(1, labels[:, None])[:, 0]  # [m]
         nll = torch.zeros(n, device=device).index_add(0, row_req[tok_row], tok_nll * tok_weight)  # [n]
         kl_logp = torch.log_softmax(logits_kl, -1)  # [k, V], k = requests present
@@ -302,6 +315,8 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
         tokens = ids.shape[0] * (ids.shape[1] - P if replay is not None else ids.shape[1])
         flops += 4 * tokens * n_params_above + 4 * (len(tok_row) + len(kl_rows)) * head
         active &= nll.detach() >= cfg.early_stop_nll
+        if on_step is not None:
+            on_step(it + 1, n - int(active.sum()))
         if not bool(active.any()) or it == cfg.steps - 1:
             break
         (loss_each * active).sum().backward()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from kedit.arch import input_device
 from kedit.generation import generate
 from kedit.tokens import pad_id, target_ids, teacher_forced
 
@@ -18,9 +19,10 @@ def target_probs(model, tok, prompts: list[str], targets: list[str]) -> list[flo
     prompt_ids = [tok(p)["input_ids"] for p in prompts]
     tgt = [target_ids(tok, p, t) for p, t in zip(prompts, targets, strict=True)]
     tf = teacher_forced(prompt_ids, tgt, pad_id(tok))
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's device (dispatch-aware)
     logits = model(input_ids=tf.input_ids.to(device), attention_mask=tf.attention_mask.to(device)).logits
-    logp = torch.log_softmax(logits[tf.rows, tf.positions].float(), -1).gather(1, tf.labels[:, None].to(device))[:, 0]
+    labels = tf.labels[:, None].to(logits.device)  # the LM head's device
+    logp = torch.log_softmax(logits[tf.rows, tf.positions].float(), -1).gather(1, labels)[:, 0]
     total = torch.zeros(len(prompts)).index_add(0, tf.seq, logp.cpu())
     return total.exp().tolist()
 
@@ -28,6 +30,14 @@ def target_probs(model, tok, prompts: list[str], targets: list[str]) -> list[flo
 def greedy(model, tok, prompts: list[str], max_new_tokens: int = 8) -> list[str]:
     """Greedy continuations (text after the prompt), batched; see kedit.generation."""
     return generate(model, tok, prompts, max_new_tokens, top_k=1)
+
+
+def did_not_take(before: list[float], after: list[float]) -> list[int]:
+    """Indices of requests whose P(target_new) did not rise with the edit (``after <= before``).
+
+    The CLI warns about these: an edit that ran without error but changed nothing the user asked for.
+    """
+    return [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if not a > b]
 
 
 def starts_with_target(continuation: str, target: str) -> bool:

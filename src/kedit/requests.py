@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kedit.errors import BadRequest
-from kedit.io import read_records
+from kedit.errors import BadRequest, InputFileError
+from kedit.io import read_records, read_text
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,16 @@ class EditRequest:
             if not isinstance(value, str) or not value.strip():
                 raise BadRequest(f"{name} is empty or whitespace{where}")
             object.__setattr__(self, name, value.strip())
+        if self.case_id is not None and (not isinstance(self.case_id, str | int) or isinstance(self.case_id, bool)):
+            raise BadRequest(f"case_id must be a string or an integer, got {type(self.case_id).__name__}")
+        if isinstance(self.paraphrases, str) or not all(isinstance(p, str) for p in self.paraphrases):
+            raise BadRequest(f"paraphrases must be a list of strings{where}")
+        if isinstance(self.neighbors, str) or not all(
+                isinstance(n, list | tuple) and len(n) == 2 and all(isinstance(x, str) for x in n)
+                for n in self.neighbors):
+            raise BadRequest(f"neighbors must be a list of [prompt, answer] string pairs{where}")
         object.__setattr__(self, "paraphrases", tuple(self.paraphrases))
-        object.__setattr__(self, "neighbors", tuple((str(p), str(a)) for p, a in self.neighbors))
+        object.__setattr__(self, "neighbors", tuple((p, a) for p, a in self.neighbors))
 
     @property
     def filled(self) -> str:
@@ -93,17 +101,24 @@ def request_from_record(rec: dict[str, Any], where: str) -> EditRequest:
         if "requested_rewrite" in rec:
             rw = rec["requested_rewrite"]
             if isinstance(rw, list):
+                if len(rw) != 1:
+                    raise BadRequest(f"'requested_rewrite' holds {len(rw)} rewrites; expected 1")
                 rw = rw[0]
+            if not isinstance(rw, dict):
+                raise BadRequest(f"'requested_rewrite' must be an object, got {type(rw).__name__}")
+            true = _counterfact_str(rw, "target_true") if rw.get("target_true") is not None else None
+            neighborhood = _list(rec, "neighborhood_prompts")
+            if neighborhood and true is None:
+                raise BadRequest("'neighborhood_prompts' need 'requested_rewrite.target_true'")
             return EditRequest(
-                prompt=rw["prompt"], subject=rw["subject"], target_new=rw["target_new"]["str"],
-                target_true=(rw.get("target_true") or {}).get("str"), case_id=rec.get("case_id"),
-                paraphrases=tuple(rec.get("paraphrase_prompts", ())),
-                neighbors=tuple((p, rw["target_true"]["str"]) for p in rec.get("neighborhood_prompts", ())),
+                prompt=rw["prompt"], subject=rw["subject"], target_new=_counterfact_str(rw, "target_new"),
+                target_true=true, case_id=rec.get("case_id"), paraphrases=tuple(_list(rec, "paraphrase_prompts")),
+                neighbors=tuple((p, true) for p in neighborhood),
             )
         return EditRequest(
             prompt=rec["prompt"], subject=rec["subject"], target_new=rec["target"], target_true=rec.get("true"),
-            case_id=rec.get("case_id"), paraphrases=tuple(rec.get("paraphrases", ())),
-            neighbors=tuple(tuple(n) for n in rec.get("neighbors", ())),
+            case_id=rec.get("case_id"), paraphrases=tuple(_list(rec, "paraphrases")),
+            neighbors=tuple(_list(rec, "neighbors")),
         )
     except KeyError as e:
         raise BadRequest(f"{where}: missing field {e.args[0]!r}") from None
@@ -111,12 +126,33 @@ def request_from_record(rec: dict[str, Any], where: str) -> EditRequest:
         raise BadRequest(f"{where}: {e}") from None
 
 
+def _counterfact_str(rw: dict[str, Any], name: str) -> str:
+    """``rw[name]["str"]`` of a CounterFact rewrite, else BadRequest naming the field."""
+    value = rw[name]
+    if not isinstance(value, dict) or not isinstance(value.get("str"), str):
+        raise BadRequest(f"field 'requested_rewrite.{name}' must be an object with a string 'str', "
+                         f"got {type(value).__name__}")
+    return value["str"]
+
+
+def _list(rec: dict[str, Any], name: str) -> list[Any]:
+    value = rec.get(name, [])
+    if not isinstance(value, list):
+        raise BadRequest(f"field {name!r} must be a list, got {type(value).__name__}")
+    return value
+
+
+def read_text_file(path: Path, error: type[Exception] = InputFileError) -> str:
+    """UTF-8 text of ``path``; a non-UTF-8 byte raises ``error`` naming the file, line and byte (kedit.io)."""
+    return read_text(path, error)
+
+
 def read_requests(path: str | Path) -> list[EditRequest]:
     """Requests from a JSON list or JSONL file; errors name the file and the line or index."""
     path = Path(path)
     if not path.is_file():
         raise BadRequest(f"request file {path} does not exist")
-    out = [request_from_record(r, where) for where, r in read_records(path, BadRequest)]
+    out = [request_from_record(r, where) for where, r in read_records(path, BadRequest, InputFileError)]
     if not out:
         raise BadRequest(f"{path} holds no requests")
     return out

@@ -4,6 +4,11 @@ Rules the anchors get wrong, kept here: every requested layer is hooked in **one
 batch that stops after the deepest layer; padding is excluded; products are fp32 per block of
 columns and summed in fp64 (error ~1e-7 relative); the budget counts tokens, not articles; the cache
 key holds everything that changes the result, and a cache file is checked before it is trusted.
+
+Placement and memory: each layer's sum accumulates on that layer's device (fp64; fp32 where the device
+has no fp64), so the extra memory is one ``[f, f]`` accumulator per layer plus one token batch of keys.
+Cache: one safetensors file per layer under ``kedit_home()/stats``, ``C`` in float64 on CPU, with its key
+and sha256 in the metadata, written to a temp file and renamed (never half-written).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 from kedit.arch import ArchitectureAdapter
 from kedit.corpus import batches, open_corpus, pack_rows, sampled_corpus
-from kedit.errors import StatsCacheError
+from kedit.errors import StatsCacheError, warn_cache_unwritable
 from kedit.hooks import Trace
 from kedit.io import atomic_write
 
@@ -89,7 +94,7 @@ def second_moments(model, tok, layers: Iterable[int], spec: StatsSpec = StatsSpe
     Cached layers are loaded (verified); the missing ones are computed in one pass and cached.
     ``info`` (if given) receives a StatsInfo per layer. Raises ValueError for an out-of-range layer.
     """
-    from kedit.models import model_fingerprint
+    from kedit.models import model_fingerprint, model_info
     from kedit.tokens import pad_id
 
     adapter = adapter or ArchitectureAdapter.from_model(model)
@@ -100,8 +105,8 @@ def second_moments(model, tok, layers: Iterable[int], spec: StatsSpec = StatsSpe
               else sampled_corpus(model, tok, spec.tokens, spec.seed, progress=progress))
     max_length = effective_max_length(model, spec.max_length)
     fingerprint, tok_id = model_fingerprint(model), tokenizer_identity(tok)
-    dtype = str(next(model.parameters()).dtype)
-    keys = {layer: StatsKey(fingerprint, getattr(model, "kedit_revision", None), layer, SITE, corpus.identity, tok_id,
+    dtype = str(adapter.w_out_storage(layers[0]).dtype)
+    keys = {layer: StatsKey(fingerprint, model_info(model).revision, layer, SITE, corpus.identity, tok_id,
                             spec.tokens, max_length, dtype) for layer in layers}
     info = {} if info is None else info
     out: dict[int, torch.Tensor] = {}
@@ -129,8 +134,11 @@ def second_moments(model, tok, layers: Iterable[int], spec: StatsSpec = StatsSpe
         for layer in missing:
             out[layer] = (sums[layer] / n).cpu()  # [f, f]
             path = cache_path(keys[layer])
-            save_stats(path, keys[layer], out[layer], {"tokens_used": n, "seconds": seconds,
-                                                       "corpus_path": str(corpus.path)})
+            try:
+                save_stats(path, keys[layer], out[layer], {"tokens_used": n, "seconds": seconds,
+                                                           "corpus_path": str(corpus.path)})
+            except OSError as e:  # read-only KEDIT_HOME: keep the finished work in memory
+                warn_cache_unwritable("statistics", path, e)
             info[layer] = StatsInfo(path, False, n, seconds)
     return {layer: out[layer] for layer in layers}
 
@@ -138,17 +146,25 @@ def second_moments(model, tok, layers: Iterable[int], spec: StatsSpec = StatsSpe
 @torch.inference_mode()
 def accumulate(adapter: ArchitectureAdapter, layers: list[int], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                total: int | None = None, progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
-    """Sums ``S_l = sum_t k_t k_t^T`` (float64 ``[f, f]``, model device) over non-pad tokens, and the count.
+    """Sums ``S_l = sum_t k_t k_t^T`` (``[f, f]`` on layer l's device) over non-pad tokens, and the count.
 
     One forward pass per batch ``(input_ids [B, T], attention_mask [B, T])`` hooks every layer in
-    ``layers`` and stops after the deepest one.
+    ``layers`` and stops after the deepest one. Inputs go to the embedding's device; each layer's sum
+    stays on its W_out's device, fp64 (fp32 on devices without fp64). Extra memory beyond the forward
+    pass: one ``[f, f]`` accumulator per layer plus one batch of keys ``[batch_tokens, f]`` per layer
+    (the captured inputs, upcast to fp32 in GRAM_ROWS-row blocks when the model is half precision).
     """
     from tqdm import tqdm
 
+    from kedit.solvers import work_dtype
+
     model = adapter.model
-    device = next(model.parameters()).device
+    device = adapter.input_device
     f = adapter.d_ff
-    sums = {layer: torch.zeros(f, f, dtype=torch.float64, device=device) for layer in layers}
+    sums = {}
+    for layer in layers:
+        dev = adapter.layer_device(layer)
+        sums[layer] = torch.zeros(f, f, dtype=work_dtype(dev), device=dev)
     n = 0
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"stats layers {','.join(map(str, layers))}",
                file=sys.stderr, disable=not progress, leave=False)
@@ -161,11 +177,11 @@ def accumulate(adapter: ArchitectureAdapter, layers: list[int], batches: Iterabl
             tr.stop_after(max(layers))
             for ids, mask in batches:
                 full = bool(mask.all())  # no padding: skip the mask (faster attention) and the gather (no copy)
-                keep = None if full else mask.to(device).bool()
+                keep = None if full else mask.bool()
                 tr.run(input_ids=ids.to(device), attention_mask=None if full else mask.to(device))
                 for layer in layers:
-                    k = tr.keys.pop(layer)  # [B, T, f]
-                    add_gram(sums[layer], k.reshape(-1, f) if keep is None else k[keep])
+                    k = tr.keys.pop(layer).to(sums[layer].device)  # [B, T, f] (a no-op: keys appear there)
+                    add_gram(sums[layer], k.reshape(-1, f) if keep is None else k[keep.to(k.device)])
                 m = int(mask.sum())
                 n += m
                 bar.update(m)
@@ -181,16 +197,17 @@ def accumulate(adapter: ArchitectureAdapter, layers: list[int], batches: Iterabl
 def add_gram(S: torch.Tensor, X: torch.Tensor) -> None:
     """In place: upper block triangle of ``S [f, f]`` (fp64) ``+= X^T X`` for ``X [m, f]``.
 
-    Products run in fp32 on blocks of at most GRAM_ROWS rows, each added into the fp64 sums.
+    Products run in fp32 on blocks of at most GRAM_ROWS rows, each added into the fp64 sums; a
+    half-precision ``X`` is upcast block by block, so the extra memory is one fp32 block.
     """
-    if X.dtype not in (torch.float32, torch.float64):
-        X = X.float()  # half-precision products would lose ~3 digits
-    if X.is_cuda and X.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        X = X.double()  # TF32 keeps 10 mantissa bits: far from the 1e-6 target
     f = X.shape[1]
     b = -(-f // GRAM_BLOCKS)
     for r in range(0, X.shape[0], GRAM_ROWS):
         Xr = X[r:r + GRAM_ROWS]
+        if Xr.dtype not in (torch.float32, torch.float64):
+            Xr = Xr.float()  # half-precision products would lose ~3 digits
+        if Xr.is_cuda and Xr.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+            Xr = Xr.double()  # TF32 keeps 10 mantissa bits: far from the 1e-6 target
         for s in range(0, f, b):  # block row s: X_s^T [X_s .. X_last]; blocks left of the diagonal are skipped
             S[s:s + b, s:] += Xr[:, s:s + b].T @ Xr[:, s:]
 

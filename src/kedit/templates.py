@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from kedit.errors import warn_cache_unwritable
 from kedit.io import write_json
 from kedit.models import kedit_home, model_fingerprint
 from kedit.sampling import sample
@@ -27,9 +28,11 @@ def context_templates(model, tok, seed: int = 0, n_per_prefix: int = 1, length: 
     if path.is_file():
         try:
             cached = json.loads(path.read_text())
-            if cached.get("spec") == json.loads(json.dumps(spec)):
-                return cached["templates"]
-        except (ValueError, OSError):
+            found = cached["templates"]
+            if cached.get("spec") == json.loads(json.dumps(spec)) and isinstance(found, list) and found and \
+                    all(isinstance(t, str) and t.count("{}") == 1 for t in found):
+                return found
+        except (ValueError, OSError, KeyError, AttributeError, TypeError):  # missing key, not an object
             pass  # unreadable cache: sample again and overwrite
     templates = ["{}"]
     for i, prefix in enumerate(prefixes):
@@ -37,5 +40,8 @@ def context_templates(model, tok, seed: int = 0, n_per_prefix: int = 1, length: 
             # braces would break the template; newlines make odd prompts
             clean = " ".join(text.replace("{", " ").replace("}", " ").split())
             templates.append(clean + ". {}")
-    write_json(path, {"spec": spec, "templates": templates}, indent=1)
+    try:
+        write_json(path, {"spec": spec, "templates": templates}, indent=1)
+    except OSError as e:  # read-only KEDIT_HOME: the sampled templates are still good for this run
+        warn_cache_unwritable("templates", path, e)
     return templates

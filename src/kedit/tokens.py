@@ -19,6 +19,27 @@ from kedit.errors import BadRequest
 
 
 @dataclass
+class TokenLimits:
+    """Caps on an edit request's token counts, checked before any optimisation (``check_limits``).
+
+    Long prompts and targets cost time and memory in every anchor step and rarely take (a
+    591-token target ran 384 s at ~12 GB without taking). Raise them with e.g.
+    ``kedit.tokens.LIMITS.max_target_tokens = 64``. Evaluation is not capped: zsRE's
+    neighbourhood answers run to 126 tokens and are only scored.
+    """
+
+    max_prompt_tokens: int = 256
+    max_target_tokens: int = 32
+
+
+LIMITS = TokenLimits()
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+@dataclass
 class Encoded:
     """A prompt's token ids with the subject's span in them."""
 
@@ -70,6 +91,19 @@ def target_ids(tok, prompt_text: str, target: str) -> list[int]:
     if not ids:
         raise BadRequest(f"target {target!r} tokenises to nothing after {prompt_text!r}")
     return ids
+
+
+def check_limits(tok, requests) -> None:
+    """Raise BadRequest for the first request whose filled prompt or target exceeds ``LIMITS``."""
+    for r in requests:
+        where = f" (request {r.case_id})" if r.case_id is not None else ""
+        n_prompt = len(tok(r.filled)["input_ids"])
+        n_target = len(target_ids(tok, r.filled, r.target_new))
+        for what, n, cap, text in (("prompt", n_prompt, LIMITS.max_prompt_tokens, r.filled),
+                                   ("target", n_target, LIMITS.max_target_tokens, r.target_new)):
+            if n > cap:
+                raise BadRequest(f"{what} {_short(text)} is {n} tokens, over the limit of {cap}{where}; "
+                                 f"raise kedit.tokens.LIMITS.max_{what}_tokens to allow it")
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -12,7 +11,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Run directories, plot path, --json."""
     p.add_argument("runs", nargs="+", help="eval output directories (or summary.json files)")
     p.add_argument("--png", default=None, help="comparison plot path (default: DIR1/../compare.png)")
-    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--json", action="store_true", help="print the table as JSON (default: a text table)")
 
 
 def _name(path: str, summary: dict) -> str:
@@ -24,11 +23,7 @@ def run(args: argparse.Namespace) -> int:
     """Print post-edit means side by side (and eval throughput), write the comparison PNG."""
     from kedit.eval.report import load_summary, metric_keys, plot_compare
 
-    try:
-        runs = [(_name(r, s), s) for r, s in ((r, load_summary(r)) for r in args.runs)]
-    except FileNotFoundError as e:
-        print(f"kedit compare: error: {e}", file=sys.stderr)
-        return 2
+    runs = [(_name(r, s), s) for r, s in ((r, load_summary(r)) for r in args.runs)]  # errors name the file
     keys = []
     for _, s in runs:
         keys += [k for k in metric_keys(s) if k not in keys]
@@ -47,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
         print("post-eval records/s".ljust(w) + " | " + " | ".join(c.rjust(len(n)) for c, n in zip(cells, names,
                                                                                                strict=True)))
     png = Path(args.png) if args.png else Path(args.runs[0]).resolve().parent / "compare.png"
+    if not args.png:
+        from kedit.commands._common import check_writable
+
+        check_writable(png, "file", "compare.png")
     plot_compare(runs, png)
     if not args.json:
         print(f"wrote {png}")

@@ -15,6 +15,7 @@ from kedit.commands._common import (
     print_diagnostics,
     print_table,
     snapshot,
+    verbose,
 )
 from kedit.errors import BadRequest
 from kedit.requests import EditRequest, read_requests
@@ -23,13 +24,15 @@ from kedit.requests import EditRequest, read_requests
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_editor_args(p)
-    p.add_argument("--prompt", help="prompt with '{}' for the subject, or containing the subject once")
-    p.add_argument("--subject")
-    p.add_argument("--target", help="the new object")
-    p.add_argument("--true", dest="true_target", help="the current object (optional)")
-    p.add_argument("--requests", help="JSON/JSONL file of requests (CounterFact or kedit shape)")
-    p.add_argument("--save", help="write the edit to this .safetensors patch")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    g = p.add_argument_group("facts")
+    g.add_argument("--prompt", help="prompt with '{}' for the subject, or containing the subject once")
+    g.add_argument("--subject", help="the subject the fact is about (must occur in the prompt)")
+    g.add_argument("--target", help="the new object")
+    g.add_argument("--true", dest="true_target", help="the current object (optional; shown before/after)")
+    g.add_argument("--requests", help="JSON/JSONL file of requests (CounterFact or kedit shape) instead of "
+                   "--prompt/--subject/--target")
+    p.add_argument("--save", help="write the edit to this .safetensors patch (checked writable before editing)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (default: a table)")
 
 
 def requests_from_args(args: argparse.Namespace) -> list[EditRequest]:
@@ -46,8 +49,8 @@ def requests_from_args(args: argparse.Namespace) -> list[EditRequest]:
 def run(args: argparse.Namespace) -> int:
     requests = requests_from_args(args)
     model, tok = load(args)
-    editor = make_editor(args, model, tok, verbose=not args.json)
-    if not args.json:
+    editor = make_editor(args, model, tok, verbose=verbose(args))
+    if verbose(args):
         print(f"[kedit] method={args.method} targets={args.targets} layers={editor.layers} "
               f"anchor={editor.anchor_cfg}", file=sys.stderr)
     before = snapshot(model, tok, requests)
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     after = snapshot(model, tok, requests)
     if args.save:
         path = edit.save(args.save)
-        if not args.json:
+        if verbose(args):
             print(f"[kedit] saved patch to {path}", file=sys.stderr)
     if args.json:
         out = {"method": args.method, "targets": args.targets, "layers": editor.layers,
@@ -70,5 +73,6 @@ def run(args: argparse.Namespace) -> int:
         print_table(requests, before, after)
         if args.diagnostics:
             print_diagnostics(edit.record)
-        print(f"\n[kedit] edited {len(requests)} fact(s) in {seconds:.1f} s", file=sys.stderr)
+        if verbose(args):
+            print(f"\n[kedit] edited {len(requests)} fact(s) in {seconds:.1f} s", file=sys.stderr)
     return 0

@@ -14,7 +14,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kedit.commands._common import add_model_args, load
+from kedit.commands._common import (
+    add_anchor_args,
+    add_model_args,
+    add_seed_arg,
+    add_solver_args,
+    add_stats_args,
+    anchor_overrides,
+    check_writable,
+    layer_list,
+    load,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    solver_hparams,
+    verbose,
+)
 
 STRATEGIES = ("lga", "brute", "causal", "verified")
 
@@ -37,55 +52,48 @@ def parse_variants(text: str) -> list[tuple[str, str]]:
 
 
 def parse_candidates(text: str | None) -> tuple[int, ...] | None:
-    """``"3-10"``, ``"1,4,7"`` or a mix (``"0-3,8"``) -> sorted layers; None -> every layer."""
-    if not text:
-        return None
-    out: set[int] = set()
-    for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return tuple(sorted(out))
+    """``"3-10"``, ``"1,4,7"`` or a mix (``"0-3,8"``) -> sorted layers (the one layer grammar); None -> every layer."""
+    return tuple(layer_list(text)) if text else None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from kedit.solvers import SOLVERS
-    from kedit.targets import TARGETS
-
     add_model_args(p)
-    p.add_argument("--method", default="rome", choices=sorted(SOLVERS))
-    p.add_argument("--targets", default="forward", choices=sorted(TARGETS), help="target construction (windows)")
-    p.add_argument("--window", type=int, default=None, help="layers edited together (default: 1 for rome, "
+    add_solver_args(p, method="rome", targets_help="target construction (windows)")
+    g = p.add_argument_group("search")
+    g.add_argument("--window", type=positive_int, default=None, help="layers edited together (default: 1 for rome, "
                    "else the editor's default width)")
-    p.add_argument("--dataset", required=True, help="KIND:PATH with KIND in counterfact, easyedit, zsre, kedit")
-    p.add_argument("--zsre-target", choices=["answers", "alt"], default=None, help="zsRE target convention")
-    p.add_argument("--proxy", type=int, default=20, help="records that choose the layers")
-    p.add_argument("--test", type=int, default=0, help="further records that test the choices (disjoint)")
-    p.add_argument("--offset", type=int, default=0, help="first record index")
-    p.add_argument("--transfer", default=None, help="second dataset KIND:PATH: its first --test records test too")
-    p.add_argument("--test-all", action="store_true", help="brute-force the test set(s) over every candidate too: "
-                   "sample-wise optimum and gaps (test x candidates edits)")
-    p.add_argument("--strategy", default="lga", choices=[*STRATEGIES, "all"])
-    p.add_argument("--candidates", default=None, help="candidate layers, e.g. 2-20 or 3,5,7 (default: all)")
-    p.add_argument("--k", type=float, default=1.0, help="LGA Tukey fence multiplier")
-    p.add_argument("--lga-variants", default="w_out/sum", help="LGA readings THETA/SCORE, comma-separated, or "
-                   "'all' (THETA: w_out, mlp, block; SCORE: sum, cosine, normalised)")
-    p.add_argument("--lga-model-answer", action="store_true", help="LGA: the model's greedy answer as the old "
+    g.add_argument("--strategy", default="lga", choices=[*STRATEGIES, "all"], help="how to choose")
+    g.add_argument("--candidates", type=layer_list, default=None,
+                   help="candidate layers, e.g. 2-20, 3,5,7 or 2-6,9 (default: all)")
+    g.add_argument("--k", type=positive_float, default=1.0, help="LGA Tukey fence multiplier")
+    g.add_argument("--samples", type=positive_int, default=10, help="causal tracing noise samples per prompt")
+    g.add_argument("--noise", type=positive_float, default=3.0, help="causal tracing noise, in subject-embedding stds")
+    g.add_argument("--lga-variants", default="w_out/sum", help="LGA readings THETA/SCORE, comma-separated, or "
+                   "'all' (THETA: w_out, mlp, block; SCORE: sum, cosine, normalised) (default: w_out/sum)")
+    g.add_argument("--lga-model-answer", action="store_true", help="LGA: the model's greedy answer as the old "
                    "target (default: the dataset's; zsRE: old = answers[0], new = alt)")
-    p.add_argument("--bootstrap", type=int, default=200, help="resamples of the proxy set for stability (0: off)")
-    p.add_argument("--shortlist", type=int, default=4, help="verified: windows really edited")
-    p.add_argument("--edits", type=int, default=None, help="verified: proxy requests edited per window "
-                   "(default: min(6, --proxy))")
-    p.add_argument("--samples", type=int, default=10, help="causal tracing noise samples per prompt")
-    p.add_argument("--noise", type=float, default=3.0, help="causal tracing noise, in subject-embedding stds")
-    p.add_argument("--corpus", default=None, help="statistics corpus (default: text sampled from the model)")
-    p.add_argument("--tokens", type=int, default=None, help="statistics token budget")
-    p.add_argument("--steps", type=int, default=None, help="anchor optimisation steps")
-    p.add_argument("--lr", type=float, default=None, help="anchor optimisation learning rate")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the anchor optimisation")
-    p.add_argument("--seed", type=int, default=0)
+    g.add_argument("--bootstrap", type=nonneg_int, default=200,
+                   help="resamples of the proxy set for the stability reports (0: off) (default: 200)")
+    g.add_argument("--shortlist", type=positive_int, default=4, help="verified: windows really edited (default: 4)")
+    g.add_argument("--edits", type=positive_int, default=None,
+                   help="verified: proxy requests edited per window (default: min(6, --proxy))")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, help="KIND:PATH with KIND in counterfact, easyedit, zsre, kedit")
+    g.add_argument("--zsre-target", choices=["answers", "alt"], default=None,
+                   help="zsRE target convention (default: none; required for zsre)")
+    g.add_argument("--proxy", type=positive_int, default=20, help="records that choose the layers")
+    g.add_argument("--test", type=nonneg_int, default=0, help="further records that test the choices (disjoint)")
+    g.add_argument("--offset", type=nonneg_int, default=0, help="first record index")
+    g.add_argument("--transfer", default=None,
+                   help="second dataset KIND:PATH: its first --test records test too (default: none)")
+    g.add_argument("--test-all", action="store_true", help="brute-force the test set(s) over every candidate too: "
+                   "sample-wise optimum and gaps (test x candidates edits) (default: off)")
+    add_stats_args(p)
+    add_anchor_args(p)
+    add_seed_arg(p)
     p.add_argument("--out", default=None, help="output directory (default: runs/layers-<method>-<time>)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--json", action="store_true", help="print layers.json on stdout")
+    p.add_argument("--no-plots", action="store_true", help="skip layers.png (default: write it)")
+    p.add_argument("--json", action="store_true", help="print layers.json on stdout (default: a summary)")
 
 
 def _test_block(ws: Any, chosen: dict[str, list[int]], complete: bool) -> dict[str, Any]:
@@ -114,17 +122,19 @@ def run(args: argparse.Namespace) -> int:
     from kedit.stats import second_moments
 
     t_start = time.perf_counter()
+    out = Path(args.out or f"runs/layers-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_writable(out, "dir", "--out")  # before the work, also for the default directory
     data = load_dataset(args.dataset, n=args.proxy + args.test, offset=args.offset, zsre_target=args.zsre_target)
     proxy, test = data.cases[:args.proxy], data.cases[args.proxy:]
-    model, tok = load(args)
+    model, tok = load(args)  # also checks --candidates against the model's depth
     adapter = ArchitectureAdapter.from_model(model)
     multi = args.method != "rome"
     window = args.window or (len(default_layers(adapter.n_layers, True)) if multi else 1)
-    cands = candidate_layers(adapter, parse_candidates(args.candidates), window)
-    log = (lambda m: None) if args.json else (lambda m: print(f"[kedit] {m}", file=sys.stderr, flush=True))
-    anchor: dict[str, Any] = {k: v for k, v in {"steps": args.steps, "lr": args.lr}.items() if v is not None}
-    if args.bf16:
-        anchor["autocast_bf16"] = True
+    cands = candidate_layers(adapter, tuple(args.candidates) if args.candidates else None, window)
+    show = verbose(args)
+    log = (lambda m: print(f"[kedit] {m}", file=sys.stderr, flush=True)) if show else (lambda m: None)
+    anchor = anchor_overrides(args)
+    editor_kwargs: dict[str, Any] = {"anchor": anchor, **solver_hparams(args)}
     variants = parse_variants(args.lga_variants)
     lga_proxy, convention = [c.request for c in proxy], "dataset target_true (old) and target_new (new)"
     if args.lga_model_answer:
@@ -143,24 +153,26 @@ def run(args: argparse.Namespace) -> int:
     stats = None
     if needs_edits:
         log(f"second moments of layers {cands[0]}..{cands[-1]}")
-        stats = second_moments(model, tok, cands, stats_spec(args), adapter=adapter, progress=not args.json)
+        stats = second_moments(model, tok, cands, stats_spec(args), adapter=adapter,
+                               progress=show and sys.stderr.isatty())
     selectors = {
         **lgas,
         "brute": BruteForce(method=args.method, targets=args.targets, window=window, layers=tuple(cands),
-                            seed=args.seed, stats=stats, editor_kwargs={"anchor": anchor}, bootstrap=args.bootstrap),
+                            seed=args.seed, stats=stats, editor_kwargs=editor_kwargs, progress=show,
+                            bootstrap=args.bootstrap),
         "causal": CausalTrace(noise=args.noise, samples=args.samples, seed=args.seed, window=window,
                               layers=tuple(cands), bootstrap=args.bootstrap),
         "verified": Verified(method=args.method, targets=args.targets, window=window, layers=tuple(cands),
                              shortlist=args.shortlist, edits=args.edits, k=args.k, bootstrap=args.bootstrap,
-                             seed=args.seed, stats=stats, editor_kwargs={"anchor": anchor},
+                             seed=args.seed, stats=stats, editor_kwargs=editor_kwargs,
                              signal_proxy=tuple(lga_proxy)),
     }
     result: dict[str, Any] = {
         "model": args.model, "fingerprint": model_fingerprint(model), "architecture": adapter.describe(),
         "method": args.method, "targets": args.targets, "window": window, "candidates": cands,
         "dataset": data.describe(), "proxy": [c.case_id for c in proxy], "test_ids": [c.case_id for c in test],
-        "anchor": anchor, "seed": args.seed, "command": " ".join(sys.argv), "strategies": {},
-        "lga_convention": convention, "bootstrap": args.bootstrap,
+        "anchor": anchor, "solver_hparams": solver_hparams(args), "seed": args.seed, "command": " ".join(sys.argv),
+        "strategies": {}, "lga_convention": convention, "bootstrap": args.bootstrap,
     }
     for name in names:
         log(f"{name} on {len(proxy)} proxy records")
@@ -185,10 +197,9 @@ def run(args: argparse.Namespace) -> int:
         windows = all_windows if args.test_all else [list(w) for w in dict.fromkeys(map(tuple, chosen.values()))]
         log(f"{key}: {len(cases)} records x {len(windows)} windows")
         ws = score_windows(model, tok, cases, windows, args.method, args.targets, stats=stats, seed=args.seed,
-                           editor_kwargs={"anchor": anchor})
+                           editor_kwargs=editor_kwargs, progress=show)
         result[key] = _test_block(ws, chosen, complete=args.test_all)
     result["seconds"] = time.perf_counter() - t_start
-    out = Path(args.out or f"runs/layers-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "layers.json").write_text(json.dumps(result, indent=1, default=str))
     if not args.no_plots:

@@ -7,54 +7,28 @@ import json
 import sys
 import time
 
-from kedit.stats import StatsInfo, StatsSpec
-
-
-def parse_layers(text: str) -> list[int]:
-    """``"4,5,8"`` or ``"4-8"`` (inclusive) or a mix -> sorted unique layer indices (ArgumentTypeError if malformed)."""
-    layers: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, sep, hi = part.partition("-")
-        try:
-            layers.update(range(int(lo), int(hi) + 1) if sep else [int(part)])
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a layer index or a range like 4-8") from None
-    if not layers:
-        raise argparse.ArgumentTypeError("no layer given")
-    return sorted(layers)
+from kedit.commands._common import add_layers_arg, add_model_args, add_seed_arg, add_stats_args, load, stats_spec
+from kedit.commands._common import layer_list as parse_layers  # noqa: F401  (bench/stats.py uses this name)
+from kedit.stats import StatsInfo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = StatsSpec()
-    p.add_argument("--model", default="smollm2-135m", help="model name or path (default: %(default)s)")
-    p.add_argument("--layers", required=True, type=parse_layers, help="layer indices, e.g. 4,5,6,7,8 or 4-8")
-    p.add_argument("--corpus", default=None,
-                   help="text file, directory of text files or .jsonl (default: text sampled from the model)")
-    p.add_argument("--tokens", type=int, default=d.tokens, help="token budget (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per row (default: %(default)s)")
-    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="tokens per forward pass (memory only)")
-    p.add_argument("--text-field", default=d.text_field, help="JSONL text field (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of the self-sampled corpus")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    add_model_args(p)
+    add_layers_arg(p, required=True, allow_auto=False, help="layers whose statistics to compute: 4-8, 4,5,6 or 4-6,9")
+    add_stats_args(p)
+    add_seed_arg(p)
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout (default: one line per layer)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from kedit.models import load_model
     from kedit.stats import second_moments
 
-    spec = StatsSpec(corpus=args.corpus, tokens=args.tokens, max_length=args.max_length,
-                     batch_tokens=args.batch_tokens, text_field=args.text_field, seed=args.seed)
+    spec = stats_spec(args)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load(args)  # also checks --layers against the model's depth
     load_s = time.perf_counter() - t0
     info: dict[int, StatsInfo] = {}
-    try:
-        second_moments(model, tok, args.layers, spec, progress=not args.json or sys.stderr.isatty(), info=info)
-    except ValueError as e:  # e.g. a layer out of range: a user error, not a traceback
-        print(f"kedit stats: error: {e}", file=sys.stderr)
-        return 2
+    second_moments(model, tok, args.layers, spec, progress=not args.quiet and sys.stderr.isatty(), info=info)
     rows = [{"layer": la, "path": str(i.path), "cached": i.cached, "tokens": i.tokens, "seconds": round(i.seconds, 3)}
             for la, i in sorted(info.items())]
     if args.json:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kedit.errors import ReportFormatError
 from kedit.eval.harness import Report
 
 RESERVED = ("config", "timings", "evaluated", "trajectory", "n_cases")
@@ -89,7 +90,23 @@ def load_summary(path: str | Path) -> dict[str, Any]:
     p = p / "summary.json" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"no summary.json at {p}")
-    return json.loads(p.read_text())
+    try:
+        summary = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ReportFormatError(f"{p} is not a valid summary.json ({type(e).__name__}: {e})") from None
+    if not isinstance(summary, dict):
+        raise ReportFormatError(f"{p} is not a valid summary.json (a JSON {type(summary).__name__}, "
+                                "expected an object)")
+    for name in ("config", "timings"):
+        if not isinstance(summary.get(name, {}), dict):
+            raise ReportFormatError(f"{p}: field {name!r} must be an object")
+    if not isinstance(summary.get("config", {}).get("editor", {}), dict):
+        raise ReportFormatError(f"{p}: field 'config.editor' must be an object")
+    for key in metric_keys(summary):
+        mean = summary[key]["mean"]
+        if mean is not None and (isinstance(mean, bool) or not isinstance(mean, int | float)):
+            raise ReportFormatError(f"{p}: field {key!r}.mean must be a number, got {type(mean).__name__}")
+    return summary
 
 
 def _pyplot():

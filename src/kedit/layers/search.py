@@ -25,6 +25,7 @@ from kedit.arch import ArchitectureAdapter
 from kedit.eval.datasets import EvalCase
 from kedit.eval.harness import Evaluator, case_metrics
 from kedit.layers.base import LayerChoice, bootstrap_stability, candidate_layers, check_proxy, window_starts
+from kedit.progress import bar
 from kedit.requests import EditRequest
 
 SCORE_KEYS = {
@@ -75,10 +76,11 @@ class WindowScores:
 def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], windows: Sequence[Sequence[int]],
                   method: str = "rome", targets: str = "forward", score_keys: Sequence[str] | None = None,
                   stats: Any = None, seed: int = 0, evaluator: Evaluator | None = None,
-                  editor_kwargs: dict[str, Any] | None = None) -> WindowScores:
+                  editor_kwargs: dict[str, Any] | None = None, progress: bool = False) -> WindowScores:
     """Edit each case alone at each window (anchors batched per window), score, undo; the model ends unchanged.
 
     ``stats``: ``{layer: C}``, a StatsSpec, or None (default StatsSpec); computed once for every layer.
+    ``progress``: a bar over windows x cases on stderr (kedit.progress).
     """
     from kedit.editor import Editor
     from kedit.stats import StatsSpec, second_moments
@@ -97,12 +99,15 @@ def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], w
     score = torch.full((len(cases), len(windows)), float("nan"), dtype=torch.float64)
     tie = torch.full_like(score, float("nan"))
     failures = 0
+    pb = bar(len(windows) * len(cases), "brute-force windows", "edit", progress)
     for j, window in enumerate(windows):
         editor = Editor(model, tok, method=method, targets=targets, layers=list(window), stats=stats, seed=seed,
                         **(editor_kwargs or {}))
         t = time.perf_counter()
         # anchors of every request at this window in one batch, then each request applied alone
         for i, (case, edit) in enumerate(zip(cases, editor.apply_each(requests, skip_failures=True))):
+            pb.set_postfix_str(f"layers {list(window)}", refresh=False)
+            pb.update(1)
             if edit is None:  # e.g. a non-finite update: scored as missing, counted
                 failures += 1
                 continue
@@ -117,6 +122,7 @@ def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], w
             metrics = case_metrics(case, post, pre[i])
             score[i, j], tie[i, j] = _mean(metrics, keys), _mean(metrics, tie_keys)
         seconds["anchors"] += editor.timings.get("optimize", 0.0)
+    pb.close()
     return WindowScores([list(w) for w in windows], score, tie, keys, seconds, failures)
 
 
@@ -134,6 +140,7 @@ class BruteForce:
     stats: Any = None                        # {layer: C}, StatsSpec or None (default StatsSpec)
     editor_kwargs: dict[str, Any] = field(default_factory=dict)  # solver hyperparameters, anchor=...
     bootstrap: int = 200                     # resamples of the proxy set for the stability report (0 = off)
+    progress: bool = False                   # progress bar on stderr (kedit.progress)
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -149,7 +156,7 @@ class BruteForce:
         cands = candidate_layers(adapter, self.layers, self.window)
         windows = [cands[j:j + self.window] for j in window_starts(cands, self.window)]
         ws = score_windows(model, tok, cases, windows, self.method, self.targets, self.score_keys, self.stats,
-                           self.seed, editor_kwargs=self.editor_kwargs)
+                           self.seed, editor_kwargs=self.editor_kwargs, progress=self.progress)
         mean, mean_tie = ws.score.nanmean(0), ws.tie.nanmean(0)            # [W]
         golden = ws.best(mean, mean_tie)
         optimal = [ws.best(ws.score[i], ws.tie[i]) for i in range(len(cases))]

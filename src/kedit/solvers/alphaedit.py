@@ -7,18 +7,23 @@ that background keys (almost) never take. The update solves (AlphaEdit paper, Eq
 so ``Delta k0 = 0`` for every key ``k0`` in the span of C's large-eigenvalue eigenvectors, whatever
 ``C_cache`` holds. Kept as the rank-n factorisation ``Delta = R X^T`` with ``X = solve(M, P K)``
 (``M`` is not symmetric, so ``Delta = R (M^-1 P K)^T``); ``X`` lies in the range of ``P``.
-The projector is computed once per layer from ``C`` and cached in the editor's per-layer ``state``.
+The projector is computed once per (C, threshold) and cached in the editor's per-layer ``state`` and on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from kedit.solvers import Delta, LayerProblem, cache_keys
+from kedit.solvers import Delta, LayerProblem, cache_keys, solve, work
 
 
 @dataclass(frozen=True)
@@ -43,30 +48,82 @@ class AlphaEdit:
             raise ValueError(f"L2 must be > 0 (M is singular without it), got {self.L2}")
 
     def projector(self, p: LayerProblem) -> torch.Tensor:
-        """``P`` [f, f] float64 onto the span of C's small-eigenvalue eigenvectors, cached in ``p.state['P']``."""
+        """``P`` [f, f] (work dtype, C's device) onto the span of C's small-eigenvalue eigenvectors.
+
+        Computed once per (C, threshold, relative): kept in ``p.state['P']`` for the session and on disk
+        (``kedit_home()/stats/P-<digest>.safetensors``, the basis ``U [f, m]`` in fp64; C's content hash
+        stands for the model fingerprint, layer and statistics key it came from), so a later run with the
+        same statistics skips the ``eigh`` (minutes for f = 14336 on CPU).
+        """
         if "P" not in p.state:
-            evals, evecs = torch.linalg.eigh(p.C.double())  # ascending; [f], [f, f]
-            cut = self.threshold * evals[-1].clamp(min=0) if self.relative else self.threshold
-            U = evecs[:, evals < cut]  # [f, m]
-            if U.shape[1] == 0:
-                warnings.warn(f"AlphaEdit: no eigenvalue of C below {float(cut):.3g} at layer {p.layer}: "
-                              "the null space is empty and every update will be zero", stacklevel=2)
+            C = work(p.C)
+            path = _projector_path(C, self.threshold, self.relative)
+            U = _load_basis(path)
+            if U is None:
+                evals, evecs = torch.linalg.eigh(C)  # ascending; [f], [f, f]
+                cut = self.threshold * evals[-1].clamp(min=0) if self.relative else self.threshold
+                U = evecs[:, evals < cut]  # [f, m]
+                if U.shape[1] == 0:
+                    warnings.warn(f"AlphaEdit: no eigenvalue of C below {float(cut):.3g} at layer {p.layer}: "
+                                  "the null space is empty and every update will be zero", stacklevel=2)
+                _save_basis(path, U)
+            U = U.to(device=C.device, dtype=C.dtype)
             p.state["P"] = U @ U.T  # [f, f]
             p.state["null_dim"] = torch.tensor(U.shape[1])
         return p.state["P"]
 
     def solve(self, p: LayerProblem) -> Delta:
-        K, R = p.K.double(), p.R.double()  # [f, n], [d, n]
+        K, R = work(p.K), work(p.R)  # [f, n], [d, n]
         P = self.projector(p).to(K.device)  # [f, f]
         A = K @ K.T  # [f, f]
         if "C_cache" in p.state:
             A = A + p.state["C_cache"]
         M = P @ A + self.L2 * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)  # [f, f], not symmetric
-        X = torch.linalg.solve(M, P @ K)  # [f, n]: Delta^T = X R^T
+        X = solve(M, P @ K)  # [f, n]: Delta^T = X R^T
         return Delta(U=R, V=X)
 
     def update_state(self, state: dict, p: LayerProblem, delta: Delta) -> None:
         # The paper adds K K^T of the batch after all layers are edited (keys recomputed on the edited
         # model); here the keys the solve used are cached, as for MEMIT.
         if self.sequential_cache:
-            cache_keys(state, p.K.double())
+            cache_keys(state, work(p.K))
+
+
+PROJECTOR_VERSION = 1
+
+
+def _projector_path(C: torch.Tensor, threshold: float, relative: bool) -> Path:
+    from kedit.models import kedit_home, tensor_digest
+
+    key = json.dumps({"C": tensor_digest(C), "dtype": str(C.dtype), "threshold": threshold, "relative": relative,
+                      "version": PROJECTOR_VERSION}, sort_keys=True)
+    return kedit_home() / "stats" / f"P-{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+
+
+def _load_basis(path: Path) -> torch.Tensor | None:
+    """The cached null-space basis, or None (absent, or unreadable: then it is recomputed and rewritten)."""
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))["U"]
+    except Exception as e:  # a damaged cache file is never trusted
+        warnings.warn(f"AlphaEdit projector cache {path} is unreadable ({type(e).__name__}); recomputing",
+                      stacklevel=3)
+        return None
+
+
+def _save_basis(path: Path, U: torch.Tensor) -> None:
+    """Write ``U`` (fp64, CPU) atomically: a temp file renamed into place, never half-written."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"U": U.detach().to("cpu", torch.float64).contiguous()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

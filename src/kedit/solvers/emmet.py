@@ -15,14 +15,14 @@ from typing import ClassVar
 
 import torch
 
-from kedit.solvers import Delta, LayerProblem, cache_keys
+from kedit.solvers import PREFERRED_LAM, Delta, LayerProblem, cache_keys, solve, work
 
 
 @dataclass(frozen=True)
 class EMMET:
     name: ClassVar[str] = "emmet"
     multi_layer: ClassVar[bool] = True
-    lam: float = 15000.0  # mom2_update_weight: C' = lam C, as in MEMIT
+    lam: float = PREFERRED_LAM  # mom2_update_weight: C' = lam C, as in MEMIT
     eps: float = 0.1  # emmet_lambda: ridge on K^T C'^-1 K (paper code: 0.1); 0 = exact equality constraints
     # Sequential editing: C' = lam C + C_cache (sum K K^T of earlier batches), the same choice as MEMIT and
     # AlphaEdit here, so earlier edits are preserved like background keys (the EMMET code we read uses
@@ -36,16 +36,16 @@ class EMMET:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
 
     def solve(self, p: LayerProblem) -> Delta:
-        K, R = p.K.double(), p.R.double()  # [f, n], [d, n]
-        Cp = self.lam * p.C.double()  # [f, f]
+        K, R = work(p.K), work(p.R)  # [f, n], [d, n]
+        Cp = self.lam * work(p.C)  # [f, f]
         if "C_cache" in p.state:
             Cp = Cp + p.state["C_cache"]
-        A = torch.linalg.solve(Cp, K)  # [f, n] = C'^-1 K
+        A = solve(Cp, K)  # [f, n] = C'^-1 K
         D = K.T @ A  # [n, n] = K^T C'^-1 K
         D = (D + D.T) / 2 + self.eps * torch.eye(D.shape[0], dtype=D.dtype, device=D.device)
-        B = torch.linalg.solve(D, A.T).T  # [f, n] = C'^-1 K D^-1
+        B = solve(D, A.T).T  # [f, n] = C'^-1 K D^-1
         return Delta(U=R, V=B)
 
     def update_state(self, state: dict, p: LayerProblem, delta: Delta) -> None:
         if self.sequential_cache:
-            cache_keys(state, p.K.double())
+            cache_keys(state, work(p.K))

@@ -10,16 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from kedit.solvers import Delta, LayerProblem, cache_keys
+from kedit.solvers import PREFERRED_LAM, Delta, LayerProblem, cache_keys, solve, work
 
 
 @dataclass(frozen=True)
 class MEMIT:
     name: ClassVar[str] = "memit"
     multi_layer: ClassVar[bool] = True
-    lam: float = 15000.0        # mom2_update_weight: weight of the preserved keys' second moment
+    lam: float = PREFERRED_LAM  # mom2_update_weight: weight of the preserved keys' second moment (default: targets')
     sequential_cache: bool = True  # keep C_cache = sum K K^T of earlier batches (sequential editing)
 
     def __post_init__(self) -> None:
@@ -27,13 +25,13 @@ class MEMIT:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
 
     def solve(self, p: LayerProblem) -> Delta:
-        K, R = p.K.double(), p.R.double()  # [f, n], [d, n]
-        A = K @ K.T + self.lam * p.C.double()  # [f, f]
+        K, R = work(p.K), work(p.R)  # [f, n], [d, n]
+        A = K @ K.T + self.lam * work(p.C)  # [f, f]
         if "C_cache" in p.state:
             A = A + p.state["C_cache"]
-        V = torch.linalg.solve(A, K)  # [f, n]
+        V = solve(A, K)  # [f, n]
         return Delta(U=R, V=V)
 
     def update_state(self, state: dict, p: LayerProblem, delta: Delta) -> None:
         if self.sequential_cache:
-            cache_keys(state, p.K.double())
+            cache_keys(state, work(p.K))

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kedit.solvers import Delta, LayerProblem
+from kedit.solvers import Delta, LayerProblem, pack_mask, work
 from kedit.solvers.memit import MEMIT
 
 
@@ -40,12 +40,12 @@ class _PostProcess:
 
 def _svd(delta: Delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``Delta = L diag(s) Rv^T``: ``L`` [d, r], ``s`` [r] (descending), ``Rv`` [f, r]; r = rank bound."""
-    if delta.U is None:
-        L, s, Vh = torch.linalg.svd(delta.dense().double(), full_matrices=False)
+    if delta.U is None or delta.mask is not None:
+        L, s, Vh = torch.linalg.svd(work(delta.dense()), full_matrices=False)
         return L, s, Vh.T
     # U V^T = Qu (Ru Rv^T) Qv^T: only an r x r SVD, never the [d, f] matrix
-    Qu, Ru = torch.linalg.qr(delta.U.double())  # [d, r], [r, r]
-    Qv, Rv = torch.linalg.qr(delta.V.double())  # [f, r], [r, r]
+    Qu, Ru = torch.linalg.qr(work(delta.U))  # [d, r], [r, r]
+    Qv, Rv = torch.linalg.qr(work(delta.V))  # [f, r], [r, r]
     A, s, Bh = torch.linalg.svd(Ru @ Rv.T)  # [r, r], [r], [r, r]
     return Qu @ A, s, Qv @ Bh.T
 
@@ -75,7 +75,7 @@ class Prune(_PostProcess):
     def solve(self, p: LayerProblem) -> Delta:
         L, s, Rv = _svd(self.base.solve(p))  # [d, r], [r], [f, r]
         if "W_sigma_max" not in p.state:
-            p.state["W_sigma_max"] = torch.linalg.matrix_norm(p.W.double(), ord=2)  # [] spectral norm
+            p.state["W_sigma_max"] = torch.linalg.matrix_norm(work(p.W), ord=2)  # [] spectral norm
         b = p.state["W_sigma_max"].to(s)
         F = b + (torch.log(s) - torch.log(b)) / math.log(self.alpha)  # [r]; -inf where s == 0 (unused)
         s = torch.where(s > b, torch.minimum(s, F), s)
@@ -84,11 +84,12 @@ class Prune(_PostProcess):
 
 @dataclass(frozen=True)
 class Rect(_PostProcess):
-    """RECT (Gu et al. 2024): keep the top ``keep`` fraction of Delta's entries, zero the rest (dense Delta).
+    """RECT (Gu et al. 2024): keep the top ``keep`` fraction of Delta's entries, zero the rest.
 
     Exactly ``round(keep * d * f)`` entries are kept, unchanged. Ranked by ``|Delta_ij|`` (METHODS §5), or
     by the relative change ``|Delta_ij| / |W_ij|`` (the paper's "RElative Change in weighT") with
-    ``relative=True``, against the current weight.
+    ``relative=True``, against the current weight. A low-rank base Delta stays factored, with the kept
+    entries as a packed bit mask (``Delta.mask``, d f / 8 bytes); a dense base stays dense.
     """
 
     name: ClassVar[str] = "rect"
@@ -101,12 +102,15 @@ class Rect(_PostProcess):
             raise ValueError(f"keep must be in (0, 1], got {self.keep}")
 
     def solve(self, p: LayerProblem) -> Delta:
-        D = self.base.solve(p).dense().double()  # [d, f]
+        base = self.base.solve(p)
+        D = work(base.dense())  # [d, f] transient
         score = D.abs()
         if self.relative:  # |W_ij| = 0 -> inf (kept first); 0 / 0 -> nan -> 0
-            score = torch.nan_to_num(score / p.W.double().abs().to(D.device), nan=0.0)
+            score = torch.nan_to_num(score / work(p.W).abs().to(D.device), nan=0.0)
         k = round(self.keep * D.numel())
         idx = torch.topk(score.flatten(), k, sorted=False).indices  # [k]
         mask = torch.zeros(D.numel(), dtype=torch.bool, device=D.device)
         mask[idx] = True
+        if base.U is not None and base.mask is None:
+            return Delta(U=base.U, V=base.V, mask=pack_mask(mask))
         return Delta(dense_=torch.where(mask.view_as(D), D, torch.zeros((), dtype=D.dtype, device=D.device)))

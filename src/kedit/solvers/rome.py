@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from kedit.solvers import Delta, LayerProblem
+from kedit.solvers import Delta, LayerProblem, solve, work
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,11 @@ class ROME:
     ridge: float = 0.0  # added to C's diagonal (relative to its mean diagonal) if C is ill-conditioned
 
     def solve(self, p: LayerProblem) -> Delta:
-        K, R = p.K.double(), p.R.double()  # [f, n], [d, n]
-        C = p.C.double()
+        K, R = work(p.K), work(p.R)  # [f, n], [d, n]
+        C = work(p.C)
         if self.ridge:
-            C = C + self.ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
-        CinvK = torch.linalg.solve(C, K)  # [f, n]: C^-1 k_i per column
+            C = C + self.ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        CinvK = solve(C, K)  # [f, n]: C^-1 k_i per column
         U = torch.zeros_like(R)
         V = torch.zeros_like(CinvK)
         for i in range(K.shape[1]):

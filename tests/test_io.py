@@ -1,0 +1,101 @@
+"""kedit.io: atomic writes leave the target whole and no temp file behind; one JSON / JSONL reader."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+
+from kedit.errors import BadRequest, DatasetFormatError, InputFileError, KeditError
+from kedit.io import atomic_write, iter_jsonl, read_records, write_bytes, write_json, write_text
+
+
+def test_write_helpers_replace_the_target(tmp_path):
+    p = tmp_path / "sub" / "a.json"
+    write_json(p, {"x": 1})
+    assert json.loads(p.read_text()) == {"x": 1}
+    write_text(p, "second")
+    assert p.read_text() == "second"
+    write_bytes(p, b"\x00\x01")
+    assert p.read_bytes() == b"\x00\x01" and [f.name for f in p.parent.iterdir()] == ["a.json"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_a_failed_write_keeps_the_old_file_and_removes_the_temp(tmp_path, exc):
+    p = tmp_path / "stats.bin"
+    p.write_text("old")
+
+    def writer(tmp):
+        tmp.write_text("half")
+        raise exc
+
+    with pytest.raises(type(exc)):
+        atomic_write(p, writer)
+    assert p.read_text() == "old" and [f.name for f in tmp_path.iterdir()] == ["stats.bin"]
+
+
+def test_unserialisable_json_writes_nothing(tmp_path):
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "x.json", {"a": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_records_json_list_and_jsonl(tmp_path):
+    lst = tmp_path / "a.json"
+    lst.write_text('[{"a": 1}, {"a": 2}]')
+    assert read_records(lst) == [(f"{lst} record 0", {"a": 1}), (f"{lst} record 1", {"a": 2})]
+    jl = tmp_path / "b.jsonl"
+    jl.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert read_records(jl) == [(f"{jl}:1", {"a": 1}), (f"{jl}:3", {"a": 2})]
+    assert list(iter_jsonl(jl)) == [(1, {"a": 1}), (3, {"a": 2})]
+
+
+def test_reader_errors_name_file_and_line(tmp_path):
+    jl = tmp_path / "b.jsonl"
+    jl.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(DatasetFormatError, match=r"b\.jsonl:2: invalid JSON"):
+        read_records(jl, DatasetFormatError)
+    with pytest.raises(BadRequest, match=r"b\.jsonl:2: invalid JSON"):
+        list(iter_jsonl(jl, BadRequest))
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    for read in (read_records, lambda p, e, enc=None: list(iter_jsonl(p, e, enc))):
+        with pytest.raises(DatasetFormatError, match=r"latin1\.jsonl:1: not UTF-8 text \(byte 13"):
+            read(bad, DatasetFormatError)
+        with pytest.raises(BadRequest, match=r"latin1\.jsonl:1: not UTF-8"):  # its own error type
+            read(bad, DatasetFormatError, BadRequest)
+    with pytest.raises(KeditError, match="cannot read"):
+        read_records(tmp_path / "missing.jsonl")
+
+
+def test_request_and_dataset_readers_use_it(tmp_path):
+    from kedit.eval.datasets import _read_records
+    from kedit.requests import read_requests
+
+    bad = tmp_path / "r.jsonl"
+    bad.write_bytes(b'{"prompt": "\xff"}\n')
+    with pytest.raises(InputFileError, match="r.jsonl:1: not UTF-8"):
+        read_requests(bad)
+    with pytest.raises(DatasetFormatError, match="not UTF-8"):
+        _read_records(bad)
+
+
+def test_templates_cache_written_atomically(tiny_llama, tiny_tok, monkeypatch):
+    """A failing write leaves no temp file in the templates cache (it did before kedit.io)."""
+    import kedit.io
+    from kedit.models import kedit_home
+    from kedit.templates import context_templates
+
+    calls = []
+
+    def boom(path, writer):  # the writer runs, then the disk "fills"
+        calls.append(path)
+        return real(path, lambda tmp: (writer(tmp), (_ for _ in ()).throw(OSError("disk full"))))
+
+    real = kedit.io.atomic_write
+    monkeypatch.setattr(kedit.io, "atomic_write", boom)
+    with contextlib.suppress(OSError):  # raised, or turned into a warning by a degrade-to-memory policy
+        context_templates(tiny_llama, tiny_tok, seed=5)
+    folder = kedit_home() / "templates"
+    assert calls and (not folder.exists() or list(folder.iterdir()) == [])
