@@ -1,6 +1,7 @@
 """Benchmark: every multi-layer solver with backward spreading vs forward replay, plus onelayer and BLUE (issue 5).
 
     flock /tmp/kedit-heavy.lock .venv/bin/python -u bench/compare_targets.py [--n 200] [--seq-size 10]
+    torchrun --nproc-per-node N bench/compare_targets.py ...   # runs split across N processes (kedit.distributed)
 
 SmolLM2-135M, default layers (4-8), second moments over wikitext-2 (test split). Per dataset
 (CounterFact subset; zsRE with the ROME/MEMIT target convention answers[0]):
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 
 from common import CORPUS, DATA, RESULTS, machine, metric_cell, require_data  # bench/common.py
+
+from kedit import distributed
 
 OUT = RESULTS / "compare"
 SOLVERS = ("memit", "alphaedit", "emmet", "prune", "rect")
@@ -83,10 +86,17 @@ def run_all(args: argparse.Namespace) -> None:
              "zsre": (f"zsre:{DATA / 'zsre_mend_eval_portability_gpt4.json'}", "answers")}
     loaded: dict[tuple[str, bool], tuple] = {}
     caches: dict[str, dict] = {}
-    for ds, mode, solver, targets in plan(args):
+    todo = [r for r in plan(args) if not (OUT / "_".join(r) / "summary.json").is_file()]
+    device = next(model.parameters()).device
+    if distributed.active(device):  # torchrun: statistics once over all ranks, then each rank a share of the runs
+        from kedit.arch import ArchitectureAdapter
+        from kedit.editor import default_layers
+        from kedit.stats import second_moments
+
+        second_moments(model, tok, default_layers(ArchitectureAdapter.from_model(model).n_layers, True), stats)
+    # contiguous shares keep each dataset's solvers together, so they still share their anchors
+    for _, (ds, mode, solver, targets) in distributed.distribute(todo, device):
         out = OUT / f"{ds}_{mode}_{solver}_{targets}"
-        if (out / "summary.json").is_file():
-            continue
         if time.perf_counter() - t_run > 60 * args.minutes:
             print(f"[bench] --minutes {args.minutes} reached; run again to continue", file=sys.stderr)
             return
@@ -103,8 +113,9 @@ def run_all(args: argparse.Namespace) -> None:
         editor = Recording(Editor(model, tok, method=solver, targets=targets, stats=stats, seed=0, diagnostics=True,
                                   verbose=True, anchor_cache=caches.setdefault(ds, {}) if mode == "batch" else None))
         extra = {"dataset": {**data.describe(), "n": len(cases)}, "command": " ".join(sys.argv), "machine": info}
-        rep = ev.run(cases, editor, mode=mode, batch_size=args.seq_size if mode == "sequential" else None,
-                     extra_config=extra)
+        with distributed.serial():  # a run is one rank's alone
+            rep = ev.run(cases, editor, mode=mode, batch_size=args.seq_size if mode == "sequential" else None,
+                         extra_config=extra)
         rep.timings["wall_s"] = time.perf_counter() - t0
         rep.timings["optimize_s"] = sum(r["timings"]["optimize"] for r in editor.records)
         rep.timings["anchors_reused"] = any(a.get("reused") for r in editor.records for a in r["anchors"])
@@ -228,7 +239,9 @@ def main() -> int:
     OUT = args.out
     if not args.table_only:
         run_all(args)
-    return write_outputs()
+        # under torchrun rank 0 tabulates once every rank is done; shares of the grid may end hours apart
+        distributed.barrier("compare runs", seconds=7 * 24 * 3600)
+    return write_outputs() if distributed.is_main() else 0
 
 
 if __name__ == "__main__":

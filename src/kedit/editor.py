@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import kedit
+from kedit import distributed
 from kedit.arch import ArchitectureAdapter
 from kedit.batch import KL_PROMPT, TokenBatch
 from kedit.edit import Edit
@@ -64,6 +65,31 @@ def describe(obj: Any) -> Any:
     if isinstance(obj, str | int | float | bool) or obj is None:
         return obj
     return {"name": getattr(obj, "name", type(obj).__name__)}
+
+
+_ANCHOR_TENSORS = ("z", "h", "delta", "nll_start", "nll_end", "steps")
+
+
+def _distributed_anchors(editor: Editor, prep: TokenBatch, layer: int) -> Anchors:
+    """Anchors of this rank's contiguous block of requests, gathered to every rank in request order.
+
+    Requests are independent (METHODS §4), so the result matches one batched run within the batched
+    optimiser's own tolerance; every rank then holds the same anchors and solves the same problem.
+    """
+    distributed.check_same_model(editor.model, editor.fingerprint)
+    lo, hi = distributed.shard_bounds(prep.n)
+    parts = []
+    if hi > lo:
+        mine = TokenBatch(editor.tok, list(prep.requests[lo:hi]), editor.templates, editor.anchor_cfg.batch_size)
+        parts.append(optimize_anchors(editor.model, editor.adapter, mine.chunks, layer, editor.anchor_cfg,
+                                      pad_id(editor.tok)))
+    cpu = [dataclasses.replace(a, **{k: getattr(a, k).cpu() for k in _ANCHOR_TENSORS}) for a in parts]
+    gathered = [a for part in distributed.all_gather_object(cpu) for a in part]  # rank order = request order
+    device = next(editor.model.parameters()).device  # where one process would leave them
+    cat = lambda name: torch.cat([getattr(a, name) for a in gathered]).to(device)  # noqa: E731
+    return Anchors(layer, cat("z"), cat("h"), cat("delta"), cat("nll_start"), cat("nll_end"), cat("steps"),
+                   max(a.seconds for a in gathered), sum(a.flops for a in gathered),
+                   {"replay": all(a.extra["replay"] for a in gathered), "world_size": distributed.world_size()})
 
 
 class Editor:
@@ -249,14 +275,17 @@ class Editor:
                         log.setdefault("anchors", []).append({"layer": layer, "reused": True})
                         return cache[key]
                 editor._log(f"optimising {prep.n} anchors at layer {layer}")
-                steps = editor.anchor_cfg.steps
-                with bar(len(prep.chunks) * steps, f"anchors L{layer}", "step", editor.verbose) as pb:
-                    def on_step(chunk: int, step: int, converged: int) -> None:
-                        pb.n = chunk * steps + step
-                        pb.set_postfix_str(f"converged {converged}/{prep.chunks[chunk].n}", refresh=True)
+                if distributed.active(next(editor.model.parameters()).device):
+                    a = _distributed_anchors(editor, prep, layer)
+                else:
+                    steps = editor.anchor_cfg.steps
+                    with bar(len(prep.chunks) * steps, f"anchors L{layer}", "step", editor.verbose) as pb:
+                        def on_step(chunk: int, step: int, converged: int) -> None:
+                            pb.n = chunk * steps + step
+                            pb.set_postfix_str(f"converged {converged}/{prep.chunks[chunk].n}", refresh=True)
 
-                    a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
-                                         pad_id(editor.tok), on_step=on_step)
+                        a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
+                                             pad_id(editor.tok), on_step=on_step)
                 if key is not None:
                     cache[key] = a
                 log.setdefault("anchors", []).append({
@@ -292,6 +321,13 @@ class Editor:
         t_start = time.perf_counter()
         prep, targets, log = self.prepare(requests)
         edit, pending = self._edit_loop(requests, prep, targets, log)
+        if distributed.active(self.adapter.w_out(0).device):  # every rank solved the same problem: same weights
+            try:
+                distributed.check_same("edited weights digest", distributed.weights_digest(
+                    [self.adapter.w_out(layer) for layer in edit.layers]))
+            except KeditError:
+                edit.undo()
+                raise
         previous = copy.deepcopy(self.state)
         try:
             for layer, problem, delta in pending:
@@ -330,7 +366,8 @@ class Editor:
 
     def _edit_loop(self, requests, prep: TokenBatch, targets, log: dict[str, Any]) -> tuple[Edit, list]:
         """Per edited layer, shallow to deep: current keys and states -> R -> solve -> apply."""
-        record = {**self.config(), "n_requests": len(requests), "edit_layers": targets.edit_layers}
+        record = {**self.config(), "n_requests": len(requests), "edit_layers": targets.edit_layers,
+                  "world_size": distributed.world_size() if distributed.active(self.adapter.w_out(0).device) else 1}
         edit = Edit(requests, record)
         edit.targets = targets
         pending, diag = [], []

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kedit import distributed
 from kedit.arch import ArchitectureAdapter
 from kedit.corpus import batches, open_corpus, pack_rows, sampled_corpus
 from kedit.errors import StatsCacheError, warn_cache_unwritable
@@ -123,23 +124,48 @@ def second_moments(model, tok, layers: Iterable[int], spec: StatsSpec = StatsSpe
         info[layer] = StatsInfo(path, True, int(meta.get("tokens_used", 0)), time.perf_counter() - t0)
 
     missing = [layer for layer in layers if layer not in out]
+    parallel = distributed.active(next(model.parameters()).device)
+    if parallel:  # every rank must run the same pass: same model, same corpus, the union of missing layers
+        distributed.check_same_model(model, fingerprint)
+        distributed.check_same("statistics corpus (content hash)", corpus.identity)
+        missing = sorted({la for part in distributed.all_gather_object(missing) for la in part})
     if missing:
         t0 = time.perf_counter()
         rows = pack_rows(tok, corpus, max_length, spec.tokens)
-        sums, n = accumulate(adapter, missing, batches(rows, spec.batch_tokens, pad_id(tok)), spec.tokens, progress)
+        stream = batches(rows, spec.batch_tokens, pad_id(tok))
+        if parallel:  # whole batches round-robin: each rank's fp32 products are bitwise the single-process ones
+            r, size, _ = distributed.world()
+            stream = (b for i, b in enumerate(stream) if i % size == r)
+        sums, n = accumulate(adapter, missing, stream, spec.tokens, progress)
+        if parallel:  # one fp64 reduction; sums equal the single-process ones up to summation order
+            for layer in missing:
+                distributed.all_reduce_sum(sums[layer])
+            n = int(distributed.all_reduce_sum(torch.tensor([n], dtype=torch.float64, device=sums[missing[0]].device)))
         seconds = time.perf_counter() - t0
         if n < spec.tokens:
             warnings.warn(f"corpus {corpus.path} holds only {n:,} tokens, fewer than the budget {spec.tokens:,}",
                           stacklevel=2)
+        main = distributed.is_main() or not parallel
         for layer in missing:
             out[layer] = (sums[layer] / n).cpu()  # [f, f]
             path = cache_path(keys[layer])
-            try:
-                save_stats(path, keys[layer], out[layer], {"tokens_used": n, "seconds": seconds,
-                                                           "corpus_path": str(corpus.path)})
-            except OSError as e:  # read-only KEDIT_HOME: keep the finished work in memory
-                warn_cache_unwritable("statistics", path, e)
+            if main:  # one writer; world size is not part of the key: the entry is the single-process one
+                try:
+                    save_stats(path, keys[layer], out[layer], {"tokens_used": n, "seconds": seconds,
+                                                               "corpus_path": str(corpus.path)})
+                except OSError as e:  # read-only KEDIT_HOME: keep the finished work in memory
+                    warn_cache_unwritable("statistics", path, e)
             info[layer] = StatsInfo(path, False, n, seconds)
+        if parallel:
+            distributed.barrier("statistics cache write")
+            if not main:  # read rank 0's entry (shared disk); a node with its own disk keeps and caches its copy
+                for layer in missing:
+                    path = cache_path(keys[layer])
+                    if path.exists():
+                        out[layer], _ = load_stats(path, keys[layer])
+                    elif distributed.world()[2] == 0:
+                        save_stats(path, keys[layer], out[layer], {"tokens_used": n, "seconds": seconds,
+                                                                   "corpus_path": str(corpus.path)})
     return {layer: out[layer] for layer in layers}
 
 

@@ -200,6 +200,10 @@ def run(args: argparse.Namespace) -> int:
                            editor_kwargs=editor_kwargs, progress=show)
         result[key] = _test_block(ws, chosen, complete=args.test_all)
     result["seconds"] = time.perf_counter() - t_start
+    from kedit import distributed
+
+    if not distributed.is_main():  # under torchrun every rank holds the same result: rank 0 writes and prints it
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     (out / "layers.json").write_text(json.dumps(result, indent=1, default=str))
     if not args.no_plots:

@@ -13,6 +13,7 @@ broken by the mean of the matching magnitudes (P(new) - P(true) style), then by 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kedit import distributed
 from kedit.arch import ArchitectureAdapter
 from kedit.eval.datasets import EvalCase
 from kedit.eval.harness import Evaluator, case_metrics
@@ -99,30 +101,46 @@ def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], w
     score = torch.full((len(cases), len(windows)), float("nan"), dtype=torch.float64)
     tie = torch.full_like(score, float("nan"))
     failures = 0
-    pb = bar(len(windows) * len(cases), "brute-force windows", "edit", progress)
-    for j, window in enumerate(windows):
-        editor = Editor(model, tok, method=method, targets=targets, layers=list(window), stats=stats, seed=seed,
-                        **(editor_kwargs or {}))
-        t = time.perf_counter()
-        # anchors of every request at this window in one batch, then each request applied alone
-        for i, (case, edit) in enumerate(zip(cases, editor.apply_each(requests, skip_failures=True))):
-            pb.set_postfix_str(f"layers {list(window)}", refresh=False)
-            pb.update(1)
-            if edit is None:  # e.g. a non-finite update: scored as missing, counted
-                failures += 1
-                continue
-            t2 = time.perf_counter()
-            seconds["edit"] += t2 - t
-            try:
-                post = ev.measure([case])[0]
-            finally:
-                edit.undo()
+    # units (window, request block): under torchrun each rank runs a contiguous share of them; requests are
+    # split only when there are fewer windows than ranks, so the usual case matches one process bit for bit
+    parallel = distributed.active(next(model.parameters()).device)
+    blocks = min(len(cases), -(-distributed.world_size() // len(windows))) if parallel else 1
+    units = [(j, *distributed.shard_bounds(len(cases), b, blocks)) for j in range(len(windows)) for b in range(blocks)]
+    mine = list(distributed.shard(units)) if parallel else units
+    found: list[tuple[int, int, float, float]] = []  # (request, window, score, tie)
+    pb = bar(sum(hi - lo for _, lo, hi in mine), "brute-force windows", "edit", progress)
+    with distributed.serial() if parallel else contextlib.nullcontext():  # each rank edits alone
+        for j, lo, hi in mine:
+            editor = Editor(model, tok, method=method, targets=targets, layers=list(windows[j]), stats=stats,
+                            seed=seed, **(editor_kwargs or {}))
             t = time.perf_counter()
-            seconds["score"] += t - t2
-            metrics = case_metrics(case, post, pre[i])
-            score[i, j], tie[i, j] = _mean(metrics, keys), _mean(metrics, tie_keys)
-        seconds["anchors"] += editor.timings.get("optimize", 0.0)
+            # anchors of every request of the unit in one batch, then each request applied alone
+            for i, case, edit in zip(range(lo, hi), cases[lo:hi], editor.apply_each(requests[lo:hi],
+                                                                                    skip_failures=True)):
+                pb.set_postfix_str(f"layers {list(windows[j])}", refresh=False)
+                pb.update(1)
+                if edit is None:  # e.g. a non-finite update: scored as missing, counted
+                    failures += 1
+                    continue
+                t2 = time.perf_counter()
+                seconds["edit"] += t2 - t
+                try:
+                    post = ev.measure([case])[0]
+                finally:
+                    edit.undo()
+                t = time.perf_counter()
+                seconds["score"] += t - t2
+                metrics = case_metrics(case, post, pre[i])
+                found.append((i, j, _mean(metrics, keys), _mean(metrics, tie_keys)))
+            seconds["anchors"] += editor.timings.get("optimize", 0.0)
     pb.close()
+    if parallel:  # every rank ends with every score (and the summed per-phase seconds of all ranks)
+        parts = distributed.all_gather_object((found, failures, seconds))
+        found = [x for part in parts for x in part[0]]
+        failures = sum(part[1] for part in parts)
+        seconds = {k: seconds[k] if k == "stats_and_pre" else sum(part[2][k] for part in parts) for k in seconds}
+    for i, j, s, t in found:
+        score[i, j], tie[i, j] = s, t
     return WindowScores([list(w) for w in windows], score, tie, keys, seconds, failures)
 
 
