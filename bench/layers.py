@@ -1,18 +1,28 @@
-"""Benchmark: choosing the editing layer on SmolLM2-135M (issue 6) - LGA vs causal tracing vs brute force.
+"""Benchmark: layer selection a user can trust on SmolLM2-135M (issue 10) - every strategy vs brute force.
 
-    flock /tmp/kedit-heavy.lock .venv/bin/python bench/layers.py [--proxy 20] [--test 100] [--minutes 50]
+    flock /tmp/kedit-heavy.lock .venv/bin/python bench/layers.py [--proxy 30] [--test 50] [--minutes 50]
 
-Per dataset (CounterFact subset, zsRE eval; ROME convention for zsRE: target = answers[0], LGA uses
-the model's own answer as the "true" target): the first --proxy records choose a layer with every
-strategy (brute force = every layer edited, scored and restored per request: golden layer and
-sample-wise optima); the next --test records (disjoint) are then edited one at a time at each layer
-chosen on that dataset and at the other dataset's golden layer (transfer), and scored with the harness's rank
-score (mean of ES, PS, NS for CounterFact; efficacy / generalisation token accuracy and
-specificity agreement for zsRE). Also times factored vs naive LGA on the same proxy set.
+Cells = datasets x methods: CounterFact, zsRE in both target conventions (``zsre-answers``: edit towards
+answers[0], ROME/MEMIT; ``zsre-alt``: towards ``alt``, EasyEdit) x ROME (single layer) and MEMIT (window
+of --window layers). LGA always compares the dataset's old answer with the new one (zsRE: answers[0]
+vs alt, issue 10). Per cell the first --proxy records choose with: brute force over every window
+start (the ground truth), every LGA variant (theta x score), causal tracing and the verified selector;
+the next --test records (disjoint) are edited one at a time at every window chosen in this cell and
+at the golden windows of the other datasets for the same method (transfer), and scored with the
+harness's rank score. Table: chosen start, bootstrap stability, proxy score (brute force's score at
+that start), test score, gap to the golden window's test score, seconds, brute-force time / strategy
+time, transfer. One figure per cell: every strategy's per-layer curve (min-max normalised) on one axis.
 
-The work is split into steps saved to bench/results/layers.partial.json as they finish: a run stops
-starting new steps after --minutes and the next run resumes (the heavy lock is shared). When all
-steps are done it writes bench/results/layers.json, per-dataset figures, and prints the table.
+Full run (issue 10): repeat until it exits 0 (each call works --minutes, then resumes):
+    flock /tmp/kedit-heavy.lock env OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python bench/layers.py --minutes 50
+Estimate on the 2-core box (issue-6 brute force: ~4.8 s per ROME edit): brute force ~900 ROME edits and ~780
+MEMIT window edits per dataset (3 datasets), tests ~300 edits per cell (6 cells): roughly 14-16 hours.
+Tiny end-to-end check (minutes): --proxy 3 --test 3 --candidates 4-6 --steps 2 --tokens 2000 --samples 2
+--bootstrap 20 --window 2 --shortlist 2 --edits 2 --datasets counterfact zsre-alt --out /tmp/ls/ls.json
+
+Resumable: every step is saved to <out>.partial.json as it finishes; a run starts no new step after
+--minutes and the next run (same settings) resumes. When all steps are done it writes <out>, the
+figures <out stem>-<dataset>-<method>.png and prints the table.
 """
 
 from __future__ import annotations
@@ -22,73 +32,155 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
-from common import CORPUS, DATA, RESULTS, machine, require_data  # bench/common.py (scripts run as bench/<name>.py)
+from common import CORPUS, DATA, RESULTS, machine, markdown_table, require_data  # bench/common.py
 
 from kedit.arch import ArchitectureAdapter
-from kedit.commands.layers import parse_candidates
+from kedit.commands.layers import parse_candidates, parse_variants
 from kedit.eval import load_dataset
-from kedit.layers import LGA, BruteForce, CausalTrace
-from kedit.layers.plot import plot_layers
+from kedit.layers import LGA, BruteForce, CausalTrace, Verified, window_starts
 from kedit.layers.search import score_windows
 from kedit.models import load_model
 from kedit.stats import StatsSpec, second_moments
 
-DATASETS = {"counterfact": f"counterfact:{DATA / 'counterfact_subset500.json'}",
-            "zsre": f"zsre:{DATA / 'zsre_mend_eval_portability_gpt4.json'}"}
+FILES = {"counterfact": ("counterfact", DATA / "counterfact_subset500.json", None),
+         "zsre-answers": ("zsre", DATA / "zsre_mend_eval_portability_gpt4.json", "answers"),
+         "zsre-alt": ("zsre", DATA / "zsre_mend_eval_portability_gpt4.json", "alt")}
 
 
+def load_cells(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per dataset label: proxy cases, LGA requests (old = dataset answer) and test cases."""
+    out = {}
+    for label in args.datasets:
+        kind, path, conv = FILES[label]
+        cases = load_dataset(f"{kind}:{path}", n=args.proxy + args.test, zsre_target=conv).cases
+        lga = cases[:args.proxy]
+        if kind == "zsre":  # LGA: old = answers[0], new = alt, whatever the edits' convention
+            lga = load_dataset(f"{kind}:{path}", n=args.proxy, zsre_target="alt").cases
+        out[label] = {"proxy": cases[:args.proxy], "test": cases[args.proxy:], "lga": [c.request for c in lga],
+                      "lga_convention": "old = answers[0], new = alt" if kind == "zsre" else "dataset true/new"}
+    return out
 
-def table(res: dict) -> str:
-    """Markdown: per dataset and strategy, chosen layer, proxy gap, test scores, seconds."""
-    kinds = list(res["choices"])
-    rows = ["| proxy | strategy | layer | proxy score | gap to sample-wise opt. (proxy) | "
-            + " | ".join(f"test {k}" for k in kinds) + " | seconds |", "|" + "---|" * (6 + len(kinds))]
-    for src in kinds:
-        brute = res["choices"][src].get("brute")
-        by_start = dict(zip(brute["candidates"], brute["scores"], strict=True)) if brute else {}
-        opt = brute["details"]["sample_wise_optimum"] if brute else None
-        for name, ch in res["choices"][src].items():
-            layer = ch["layers"][0]
-            ps = by_start.get(layer)
-            tests = [res["tests"].get(t, {}).get(str(layer)) for t in kinds]
-            rows.append(f"| {src} | {name} | {layer} | {ps:.3f} | {opt - ps:.3f} | " if ps is not None else
-                        f"| {src} | {name} | {layer} | - | - | ")
-            rows[-1] += " | ".join("-" if t is None else f"{t:.3f}" for t in tests) + f" | {ch['seconds']:.1f} |"
-    for t in kinds:
-        if res["tests"].get(t, {}).get("_optimum") is not None:
-            rows.append(f"\ntest {t}: sample-wise optimum over the scored layers {res['tests'][t]['_optimum']:.3f}")
-    return "\n".join(rows)
+
+def selectors(args: argparse.Namespace, method: str, window: int, cands: tuple[int, ...], stats: Any,
+              anchor: dict[str, Any], lga_reqs: list[Any]) -> dict[str, Any]:
+    sels: dict[str, Any] = {"brute": BruteForce(method=method, window=window, layers=cands, stats=stats,
+                                                editor_kwargs={"anchor": anchor}, bootstrap=args.bootstrap)}
+    for theta, score in parse_variants(args.variants):
+        lga = LGA(window=window, layers=cands, theta=theta, score=score, bootstrap=args.bootstrap)
+        sels[lga.label] = lga
+    sels["causal"] = CausalTrace(samples=args.samples, window=window, layers=cands, bootstrap=args.bootstrap)
+    sels["verified"] = Verified(method=method, window=window, layers=cands, shortlist=args.shortlist, edits=args.edits,
+                                bootstrap=args.bootstrap, stats=stats, editor_kwargs={"anchor": anchor},
+                                signal_proxy=tuple(lga_reqs))
+    return sels
+
+
+def rows_of(res: dict[str, Any]) -> list[list[object]]:
+    """Table rows: one per (dataset, method, strategy)."""
+    rows = []
+    for cell, choices in res["choices"].items():
+        label, method = cell.split("|")
+        brute = choices.get("brute")
+        if not brute:
+            continue
+        by_start = dict(zip(brute["candidates"], brute["scores"], strict=True))
+        tests = res["tests"].get(cell, {})
+        golden = brute["layers"][0]
+        t_gold = tests.get(str(golden), {}).get("mean")
+        for name, ch in choices.items():
+            start = ch["layers"][0]
+            stab = (ch["details"].get("stability") or {}).get("fraction")
+            t = tests.get(str(start), {}).get("mean")
+            transfer = []
+            for other in res["choices"]:
+                o_label, o_method = other.split("|")
+                if o_method == method and o_label != label and o_label.split("-")[0] != label.split("-")[0]:
+                    t_other = res["tests"].get(other, {}).get(str(start), {}).get("mean")
+                    transfer.append(f"{o_label}: {t_other:.3f}" if t_other is not None else f"{o_label}: -")
+            rows.append([label, method, name, start, stab, by_start.get(start), t,
+                         None if t is None or t_gold is None else t_gold - t, ch["seconds"],
+                         brute["seconds"] / ch["seconds"] if ch["seconds"] > 0 else None, "; ".join(transfer) or "-"])
+    return rows
+
+
+HEADER = ["dataset", "method", "strategy", "start", "stability", "proxy score", "test score", "gap to golden (test)",
+          "seconds", "brute time / time", "transfer (test score there)"]
+
+
+def plot_cell(cell: str, choices: dict[str, Any], tests: dict[str, Any], window: int, path: Path) -> None:
+    """Every strategy's curve over window starts (per-layer scores summed over the window, as LGA and tracing
+    rank windows), min-max normalised, on one axis; choices marked; the test-set scores dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, ch in choices.items():
+        pairs = sorted(zip(ch["candidates"], ch["scores"], strict=True))
+        if window > 1 and name not in ("brute", "verified"):  # per-layer scores -> window sums
+            by = dict(pairs)
+            pairs = [(s, sum(by[s + i] for i in range(window))) for s, _ in pairs
+                     if all(s + i in by for i in range(window))]
+        x, y = [p[0] for p in pairs], [p[1] for p in pairs]
+        lo, hi = min(y), max(y)
+        norm = [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in y]
+        stab = (ch["details"].get("stability") or {}).get("fraction")
+        lbl = f"{name} -> {ch['layers'][0]}" + (f" (stab {stab:.2f})" if stab is not None else "")
+        style = dict(lw=2.2, color="black") if name == "brute" else dict(lw=1, alpha=0.8)
+        line, = ax.plot(x, norm, marker="o", ms=3, label=lbl, **style)
+        c = ch["layers"][0]
+        if c in x:
+            ax.scatter([c], [norm[x.index(c)]], s=60, color=line.get_color(), edgecolor="red", zorder=3)
+    scored = sorted((int(k), v["mean"]) for k, v in tests.items() if k.isdigit())
+    if len(scored) > 1:
+        ys = [v for _, v in scored]
+        lo, hi = min(ys), max(ys)
+        ax.plot([k for k, _ in scored], [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in ys], ls=":", marker="s",
+                color="grey", label="test score at scored starts")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (window start)")
+    ax.set_ylabel("score, min-max normalised per strategy")
+    ax.set_title(f"SmolLM2-135M {cell.replace('|', ' ')}", fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--proxy", type=int, default=20)
-    p.add_argument("--test", type=int, default=100)
-    p.add_argument("--minutes", type=float, default=50.0, help="start no new step after this")
+    p.add_argument("--datasets", nargs="+", default=list(FILES), choices=list(FILES))
+    p.add_argument("--methods", nargs="+", default=["rome", "memit"], choices=["rome", "memit"])
+    p.add_argument("--window", type=int, default=5, help="MEMIT window width")
+    p.add_argument("--proxy", type=int, default=30)
+    p.add_argument("--test", type=int, default=50)
+    p.add_argument("--variants", default="all", help="LGA variants THETA/SCORE,... or all")
+    p.add_argument("--bootstrap", type=int, default=200)
+    p.add_argument("--shortlist", type=int, default=4)
+    p.add_argument("--edits", type=int, default=None, help="verified: proxy requests edited per window")
     p.add_argument("--samples", type=int, default=10, help="causal tracing noise samples")
     p.add_argument("--tokens", type=int, default=100_000, help="second-moment token budget (wikitext-2 test)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast in anchor optimisation")
     p.add_argument("--steps", type=int, default=None, help="anchor optimisation steps (default: the editor's)")
-    p.add_argument("--candidates", default=None, help="candidate layers, e.g. 8-12 (default: every layer)")
-    p.add_argument("--brute-candidates", default=None,
-                   help="layers brute force edits (default: --candidates); LGA and tracing still score every candidate")
-    p.add_argument("--out", default=str(RESULTS / "layers.json"))
+    p.add_argument("--candidates", default=None, help="candidate layers, e.g. 4-12 (default: every layer)")
+    p.add_argument("--minutes", type=float, default=50.0, help="start no new step after this")
+    p.add_argument("--out", default=str(RESULTS / "layer_selection.json"))
     args = p.parse_args()
-    require_data(CORPUS, *(Path(s.split(":", 1)[1]) for s in DATASETS.values()))
+    require_data(CORPUS, *(f[1] for f in FILES.values()))
     t_run = time.perf_counter()
-    partial = Path(args.out).with_suffix(".partial.json")
-    config = {k: v for k, v in vars(args).items() if k not in ("minutes", "out", "test")}
+    out = Path(args.out)
+    partial = out.with_suffix(".partial.json")
+    config = {k: v for k, v in vars(args).items() if k not in ("minutes", "out")}
     res = json.loads(partial.read_text()) if partial.is_file() else {}
     if res.get("config") != config:
-        res = {"config": config, "choices": {}, "tests": {}, "lga_timing": {}, "runs": []}
-    if res.get("n_test") != args.test:  # the choices stay valid; test-set scores do not
-        res["n_test"], res["tests"] = args.test, {}
+        res = {"config": config, "choices": {}, "tests": {}, "runs": []}
     res["runs"].append({"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    anchor = {"autocast_bf16": True} if args.bf16 else {}
-    if args.steps:
-        anchor["steps"] = args.steps
+    anchor = {"steps": args.steps} if args.steps else {}
 
     def save() -> None:
         partial.parent.mkdir(parents=True, exist_ok=True)
@@ -99,78 +191,55 @@ def main() -> int:
 
     model, tok = load_model("smollm2-135m")
     adapter = ArchitectureAdapter.from_model(model)
-    layers = list(parse_candidates(args.candidates) or range(adapter.n_layers))
-    t0 = time.perf_counter()
-    stats = second_moments(model, tok, layers, StatsSpec(corpus=str(CORPUS), tokens=args.tokens), adapter=adapter)
-    print(f"second moments ({args.tokens} tokens, {len(layers)} layers): {time.perf_counter() - t0:.0f}s",
-          file=sys.stderr)
-    data = {k: load_dataset(spec, n=args.proxy + args.test, zsre_target="answers").cases
-            for k, spec in DATASETS.items()}
-    cands = tuple(layers)
-    selectors = {"lga": LGA(predicted_true=True, layers=cands),
-                 "causal": CausalTrace(samples=args.samples, layers=cands),
-                 "brute": BruteForce(method="rome", layers=parse_candidates(args.brute_candidates) or cands,
-                                     stats=stats, editor_kwargs={"anchor": anchor})}
-    for kind, cases in data.items():
-        for name, sel in selectors.items():
-            done = res["choices"].setdefault(kind, {})
-            if name in done or out_of_time():
-                continue
-            print(f"{kind}: {name} on {args.proxy} proxy records", file=sys.stderr, flush=True)
-            done[name] = sel.select(model, adapter, tok, cases[:args.proxy]).to_dict()
-            save()
-        if "lga" in res["choices"].get(kind, {}) and kind not in res["lga_timing"] and not out_of_time():
-            naive = LGA(predicted_true=True, naive=True, layers=cands).select(model, adapter, tok,
-                                                                             data[kind][:args.proxy])
-            fact = res["choices"][kind]["lga"]
-            rel = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(fact["scores"], naive.scores, strict=True))
-            res["lga_timing"][kind] = {"factored_s": fact["seconds"], "naive_s": naive.seconds,
-                                       "max_rel_diff": rel, "same_choice": naive.layers == fact["layers"]}
-            save()
-    complete = all(len(res["choices"].get(k, {})) == len(selectors) for k in data)
-    # test set of each dataset: at its own strategies' choices (golden first) and at the other datasets'
-    # golden layers (transfer); steps interleaved across datasets so that a time cut leaves both partial
-    chosen: dict[str, list[int]] = {}
-    for kind in data:
-        if complete:
-            own = [res["choices"][kind][s]["layers"][0] for s in ("brute", "lga", "causal")]
-            other = [res["choices"][o]["brute"]["layers"][0] for o in data if o != kind]
-            chosen[kind] = list(dict.fromkeys(own + other))
-        else:
-            chosen[kind] = []
-    steps = [(kind, layer) for i in range(max(map(len, chosen.values()), default=0))
-             for kind in data for layer in chosen[kind][i:i + 1]]
-    for kind, layer in steps:
-        per = res["tests"].setdefault(kind, {})
-        if str(layer) in per or out_of_time():
-            continue
-        print(f"{kind}: test {args.test} records at layer {layer}", file=sys.stderr, flush=True)
-        ws = score_windows(model, tok, data[kind][args.proxy:], [[layer]], "rome", stats=stats,
-                           editor_kwargs={"anchor": anchor})
-        per[str(layer)] = ws.score.nanmean().item()
-        per.setdefault("_per_request", {})[str(layer)] = ws.score[:, 0].tolist()
-        per.setdefault("_seconds", {})[str(layer)] = ws.seconds
-        save()
+    cands = tuple(parse_candidates(args.candidates) or range(adapter.n_layers))
+    stats = second_moments(model, tok, list(cands), StatsSpec(corpus=str(CORPUS), tokens=args.tokens),
+                           adapter=adapter, progress=False)
+    data = load_cells(args)
+    windows = {"rome": 1, "memit": args.window}
+    # 1. choices: brute force first in every cell (the ground truth), then the cheap ones
+    for method in args.methods:
+        w = windows[method]
+        for label, d in data.items():
+            cell = f"{label}|{method}"
+            done = res["choices"].setdefault(cell, {})
+            for name, sel in selectors(args, method, w, cands, stats, anchor, d["lga"]).items():
+                if name in done or out_of_time():
+                    continue
+                print(f"{cell}: {name} on {len(d['proxy'])} proxy records", file=sys.stderr, flush=True)
+                reqs = d["lga"] if name.startswith("lga") else d["proxy"]
+                done[name] = sel.select(model, adapter, tok, reqs).to_dict()
+                save()
+    # 2. test sets: every start chosen in the cell, plus the same method's choices on the other datasets
+    for method in args.methods:
+        w = windows[method]
+        for label, d in data.items():
+            cell = f"{label}|{method}"
+            starts = [ch["layers"][0] for c, chs in res["choices"].items() if c.endswith(f"|{method}")
+                      for ch in chs.values()]
+            per = res["tests"].setdefault(cell, {})
+            for s in dict.fromkeys(starts):
+                if str(s) in per or out_of_time() or s not in [cands[j] for j in window_starts(list(cands), w)]:
+                    continue
+                print(f"{cell}: test {len(d['test'])} records at start {s}", file=sys.stderr, flush=True)
+                ws = score_windows(model, tok, d["test"], [list(range(s, s + w))], method, stats=stats,
+                                   editor_kwargs={"anchor": anchor})
+                per[str(s)] = {"mean": ws.score.nanmean().item(), "per_request": ws.score[:, 0].tolist(),
+                               "seconds": ws.seconds, "failures": ws.failures}
+                save()
+    n_sel = len(selectors(args, "rome", 1, cands, stats, anchor, []))
+    complete = (all(len(res["choices"].get(f"{l}|{m}", {})) == n_sel for l in data for m in args.methods)
+                and not out_of_time())
     if not complete:
         print(f"partial: saved to {partial}; run again to continue", file=sys.stderr)
         return 3
-    res["tests_complete"] = all(str(l) in res["tests"].get(k, {}) for k, l in steps)
-    if not res["tests_complete"]:
-        print("test sets not scored at every chosen layer (time limit): run again to complete", file=sys.stderr)
-    for kind in data:  # sample-wise optimum over the layers scored on the test set (a lower bound)
-        per = res["tests"].get(kind, {}).get("_per_request")
-        if per:
-            scored = torch.tensor(list(per.values())).nan_to_num(-1)  # [layers, requests]
-            res["tests"][kind]["_optimum"] = scored.max(0).values.mean().item()
-        plot_layers({"model": "smollm2-135m", "method": "rome", "window": 1, "strategies": res["choices"][kind]},
-                    Path(args.out).parent / f"layers-{kind}.png")
-    res["time_ratio_brute_over_lga"] = {k: res["choices"][k]["brute"]["seconds"] / res["choices"][k]["lga"]["seconds"]
-                                        for k in data}
-    res["table"] = table(res)
-    Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    for cell in res["choices"]:
+        label, method = cell.split("|")
+        plot_cell(cell, res["choices"][cell], res["tests"].get(cell, {}), windows[method],
+                  out.with_name(f"{out.stem}-{label}-{method}.png"))
+    res["table"] = markdown_table(HEADER, rows_of(res))
+    res["lga_conventions"] = {label: d["lga_convention"] for label, d in data.items()}
+    out.write_text(json.dumps(res, indent=1, default=str))
     print(res["table"])
-    print(json.dumps({"brute/lga time": res["time_ratio_brute_over_lga"], "lga factored vs naive": res["lga_timing"]},
-                     indent=1))
     return 0
 
 

@@ -283,10 +283,11 @@ def test_cli_layers_writes_json_and_figure(tiny_tok, tmp_path):
                "--test-all", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "layers.json").read_text())
-    assert set(res["strategies"]) == {"lga", "brute", "causal"} and res["candidates"] == [1, 2]
-    assert set(res["test"]["at_choice"]) == {"lga", "brute", "causal"} and "sample_wise_optimum" in res["test"]
-    assert all(g >= -1e-12 for g in res["test"]["gap"].values()) and set(res["proxy_gap"]) == {"lga", "brute",
-                                                                                               "causal"}
+    names = {"lga", "brute", "causal", "verified"}
+    assert set(res["strategies"]) == names and res["candidates"] == [1, 2]
+    assert set(res["test"]["at_choice"]) == names and "sample_wise_optimum" in res["test"]
+    assert all(g >= -1e-12 for g in res["test"]["gap"].values()) and set(res["proxy_gap"]) == names
+    assert all(res["strategies"][n]["details"]["stability"]["n_proxy"] == 2 for n in ("lga", "causal", "verified"))
     assert (out / "layers.png").stat().st_size > 1000
 
 
@@ -296,12 +297,12 @@ def test_auto_layers_cached_per_model_and_method(tiny_tok, monkeypatch):
 
     assert len(default_proxy()) == 10
     model, _ = _model("llama", tiny_tok)
-    one = auto_layers(model, tiny_tok, "rome", proxy=PROXY)
-    window = auto_layers(model, tiny_tok, "memit", window=2, proxy=PROXY)
+    one = auto_layers(model, tiny_tok, "rome", proxy=PROXY, strategy="lga")
+    window = auto_layers(model, tiny_tok, "memit", window=2, proxy=PROXY, strategy="lga")
     assert len(one) == 1 and len(window) == 2 and window[1] == window[0] + 1
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite the cache")
 
     monkeypatch.setattr(lga_mod, "gradient_products", boom)
-    assert auto_layers(model, tiny_tok, "rome", proxy=PROXY) == one
+    assert auto_layers(model, tiny_tok, "rome", proxy=PROXY, strategy="lga") == one

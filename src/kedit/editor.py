@@ -274,15 +274,15 @@ class Editor:
                         log.setdefault("anchors", []).append({"layer": layer, "reused": True})
                         return cache[key]
                 editor._log(f"optimising {prep.n} anchors at layer {layer}")
-                steps = editor.anchor_cfg.steps
-                with bar(len(prep.chunks) * steps, f"anchors L{layer}", "step", editor.verbose) as pb:
-                    def on_step(chunk: int, step: int, converged: int) -> None:
-                        pb.n = chunk * steps + step
-                        pb.set_postfix_str(f"converged {converged}/{prep.chunks[chunk].n}", refresh=True)
+                if distributed.active(editor.adapter.input_device):
+                    a = _distributed_anchors(editor, prep, layer)
+                else:
+                    steps = editor.anchor_cfg.steps
+                    with bar(len(prep.chunks) * steps, f"anchors L{layer}", "step", editor.verbose) as pb:
+                        def on_step(chunk: int, step: int, converged: int) -> None:
+                            pb.n = chunk * steps + step
+                            pb.set_postfix_str(f"converged {converged}/{prep.chunks[chunk].n}", refresh=True)
 
-                    if distributed.active(editor.adapter.input_device):
-                        a = _distributed_anchors(editor, prep, layer)
-                    else:
                         a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
                                              pad_id(editor.tok), on_step=on_step)
                 if key is not None:

@@ -143,7 +143,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_layers_arg(p: argparse.ArgumentParser, *, required: bool = False, allow_auto: bool = True,
                    help: str | None = None) -> None:
     """``--layers`` in the one grammar (``parse_layers``)."""
-    grammar = "4-8, 4,5,6 or 4-6,9" + (", or 'auto' (LGA on the packaged facts, cached per model and method)"
+    grammar = "4-8, 4,5,6 or 4-6,9" + (", or 'auto' (verified selection on the packaged facts, cached per model, "
+                                       "method and targets)"
                                        if allow_auto else "")
     p.add_argument("--layers", required=required, default=None, type=parse_layers if allow_auto else layer_list,
                    help=help or f"edited layers: {grammar} (default: a window derived from the model's depth)")
@@ -443,14 +444,17 @@ def stats_spec(args: argparse.Namespace):
 
 
 def make_editor(args: argparse.Namespace, model, tok, verbose: bool = True):
-    """An Editor from the editor flags; ``--layers auto`` runs (or reuses) the LGA choice."""
+    """An Editor from the editor flags; ``--layers auto`` runs (or reuses) the verified choice and prints it."""
     from kedit.editor import Editor
 
     layers = args.layers
     if layers == "auto":
-        from kedit.layers.auto import auto_layers
+        from kedit.layers.auto import resolve_auto
 
-        layers = auto_layers(model, tok, args.method)
+        decision = resolve_auto(model, tok, args.method, args.targets, stats=stats_spec(args),
+                                editor_kwargs={"anchor": anchor_overrides(args), **solver_hparams(args)})
+        print(f"[kedit] {decision.summary()}", file=sys.stderr, flush=True)
+        layers = decision.layers
     return Editor(model, tok, method=args.method, targets=args.targets, layers=layers, stats=stats_spec(args),
                   anchor=anchor_overrides(args), seed=args.seed, verbose=verbose, **solver_hparams(args))
 

@@ -31,7 +31,24 @@ from kedit.commands._common import (
     verbose,
 )
 
-STRATEGIES = ("lga", "brute", "causal")
+STRATEGIES = ("lga", "brute", "causal", "verified")
+
+
+def parse_variants(text: str) -> list[tuple[str, str]]:
+    """``"w_out/sum,mlp/cosine"`` or ``"all"`` -> [(theta, score), ...]; BadRequest naming an unknown one."""
+    from kedit.errors import BadRequest
+    from kedit.layers.lga import SCORES, THETAS
+
+    if text == "all":
+        return [(t, s) for t in THETAS for s in SCORES]
+    out = []
+    for part in text.split(","):
+        theta, _, score = part.strip().partition("/")
+        if theta not in THETAS or score not in SCORES:
+            raise BadRequest(f"unknown LGA variant {part.strip()!r}: use THETA/SCORE with THETA in "
+                             f"{', '.join(THETAS)} and SCORE in {', '.join(SCORES)}, or 'all'")
+        out.append((theta, score))
+    return out
 
 
 def parse_candidates(text: str | None) -> tuple[int, ...] | None:
@@ -51,6 +68,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=positive_float, default=1.0, help="LGA Tukey fence multiplier")
     g.add_argument("--samples", type=positive_int, default=10, help="causal tracing noise samples per prompt")
     g.add_argument("--noise", type=positive_float, default=3.0, help="causal tracing noise, in subject-embedding stds")
+    g.add_argument("--lga-variants", default="w_out/sum", help="LGA readings THETA/SCORE, comma-separated, or "
+                   "'all' (THETA: w_out, mlp, block; SCORE: sum, cosine, normalised) (default: w_out/sum)")
+    g.add_argument("--lga-model-answer", action="store_true", help="LGA: the model's greedy answer as the old "
+                   "target (default: the dataset's; zsRE: old = answers[0], new = alt)")
+    g.add_argument("--bootstrap", type=nonneg_int, default=200,
+                   help="resamples of the proxy set for the stability reports (0: off) (default: 200)")
+    g.add_argument("--shortlist", type=positive_int, default=4, help="verified: windows really edited (default: 4)")
+    g.add_argument("--edits", type=positive_int, default=None,
+                   help="verified: proxy requests edited per window (default: min(6, --proxy))")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, help="KIND:PATH with KIND in counterfact, easyedit, zsre, kedit")
     g.add_argument("--zsre-target", choices=["answers", "alt"], default=None,
@@ -89,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     from kedit.commands._common import stats_spec
     from kedit.editor import default_layers
     from kedit.eval import load_dataset
-    from kedit.layers import LGA, BruteForce, CausalTrace, candidate_layers, window_starts
+    from kedit.layers import LGA, BruteForce, CausalTrace, Verified, candidate_layers, window_starts
+    from kedit.layers.base import format_stability
     from kedit.layers.search import score_windows
     from kedit.models import model_fingerprint
     from kedit.stats import second_moments
@@ -108,32 +135,51 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda m: print(f"[kedit] {m}", file=sys.stderr, flush=True)) if show else (lambda m: None)
     anchor = anchor_overrides(args)
     editor_kwargs: dict[str, Any] = {"anchor": anchor, **solver_hparams(args)}
-    names = STRATEGIES if args.strategy == "all" else (args.strategy,)
-    needs_edits = "brute" in names or args.test or args.transfer
+    variants = parse_variants(args.lga_variants)
+    lga_proxy, convention = [c.request for c in proxy], "dataset target_true (old) and target_new (new)"
+    if args.lga_model_answer:
+        convention = "the model's greedy answer (old) and target_new (new)"
+    elif proxy and proxy[0].kind == "zsre":
+        # LGA compares the gradients of the old and the new answer: on zsRE those are the dataset's
+        # answer and `alt`, whatever convention the edits use (issue 10)
+        alt = load_dataset(args.dataset, n=args.proxy, offset=args.offset, zsre_target="alt")
+        lga_proxy, convention = [c.request for c in alt.cases], "zsRE: old = answers[0], new = alt"
+    lgas = {sel.label: sel for sel in (LGA(k=args.k, window=window, layers=tuple(cands), theta=t, score=sc,
+                                           predicted_true=args.lga_model_answer, bootstrap=args.bootstrap,
+                                           seed=args.seed) for t, sc in variants)}
+    groups = {"lga": tuple(lgas), "brute": ("brute",), "causal": ("causal",), "verified": ("verified",)}
+    names = tuple(n for g in (STRATEGIES if args.strategy == "all" else (args.strategy,)) for n in groups[g])
+    needs_edits = "brute" in names or "verified" in names or args.test or args.transfer
     stats = None
     if needs_edits:
         log(f"second moments of layers {cands[0]}..{cands[-1]}")
         stats = second_moments(model, tok, cands, stats_spec(args), adapter=adapter,
                                progress=show and sys.stderr.isatty())
     selectors = {
-        "lga": LGA(k=args.k, window=window, layers=tuple(cands), predicted_true=True),
+        **lgas,
         "brute": BruteForce(method=args.method, targets=args.targets, window=window, layers=tuple(cands),
-                            seed=args.seed, stats=stats, editor_kwargs=editor_kwargs, progress=show),
+                            seed=args.seed, stats=stats, editor_kwargs=editor_kwargs, progress=show,
+                            bootstrap=args.bootstrap),
         "causal": CausalTrace(noise=args.noise, samples=args.samples, seed=args.seed, window=window,
-                              layers=tuple(cands)),
+                              layers=tuple(cands), bootstrap=args.bootstrap),
+        "verified": Verified(method=args.method, targets=args.targets, window=window, layers=tuple(cands),
+                             shortlist=args.shortlist, edits=args.edits, k=args.k, bootstrap=args.bootstrap,
+                             seed=args.seed, stats=stats, editor_kwargs=editor_kwargs,
+                             signal_proxy=tuple(lga_proxy)),
     }
     result: dict[str, Any] = {
         "model": args.model, "fingerprint": model_fingerprint(model), "architecture": adapter.describe(),
         "method": args.method, "targets": args.targets, "window": window, "candidates": cands,
         "dataset": data.describe(), "proxy": [c.case_id for c in proxy], "test_ids": [c.case_id for c in test],
         "anchor": anchor, "solver_hparams": solver_hparams(args), "seed": args.seed, "command": " ".join(sys.argv),
-        "strategies": {},
+        "strategies": {}, "lga_convention": convention, "bootstrap": args.bootstrap,
     }
     for name in names:
         log(f"{name} on {len(proxy)} proxy records")
-        choice = selectors[name].select(model, adapter, tok, proxy)
+        choice = selectors[name].select(model, adapter, tok, lga_proxy if name in lgas else proxy)
         result["strategies"][name] = choice.to_dict()
-        log(f"  -> layers {choice.layers} in {choice.seconds:.1f}s")
+        stab = format_stability(choice.details.get("stability"))
+        log(f"  -> layers {choice.layers} in {choice.seconds:.1f}s, {stab}")
     chosen = {n: c["layers"] for n, c in result["strategies"].items()}
     if "brute" in result["strategies"]:  # proxy-set gap of every strategy to the sample-wise optimum
         b = result["strategies"]["brute"]
@@ -170,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
         for name, c in result["strategies"].items():
             test_s = result.get("test", {}).get("at_choice", {}).get(name)
             extra = f"  test score {test_s:.3f}" if test_s is not None else ""
-            print(f"{name:>7}: layers {c['layers']}  ({c['seconds']:.1f}s){extra}")
+            frac = c["details"].get("cost", {}).get("fraction_of_brute_force") if name == "verified" else None
+            extra += f"  ~{frac:.2f}x the estimated brute-force time" if frac is not None else ""
+            print(f"{name:>7}: layers {c['layers']}  ({c['seconds']:.1f}s, "
+                  f"{format_stability(c['details'].get('stability'))}){extra}")
         print(f"wrote {out}/layers.json" + ("" if args.no_plots else ", layers.png"))
     return 0

@@ -10,6 +10,7 @@ from kedit.layers.base import (
     LayerChoice,
     LayerSelector,
     best_window,
+    bootstrap_stability,
     candidate_layers,
     check_proxy,
     tukey_fences,
@@ -18,8 +19,9 @@ from kedit.layers.base import (
 from kedit.layers.lga import LGA
 from kedit.layers.search import BruteForce
 from kedit.layers.trace import CausalTrace
+from kedit.layers.verified import Verified
 
-SELECTORS: dict[str, type] = {"lga": LGA, "brute": BruteForce, "causal": CausalTrace}
+SELECTORS: dict[str, type] = {"lga": LGA, "brute": BruteForce, "causal": CausalTrace, "verified": Verified}
 
-__all__ = ["SELECTORS", "LGA", "BruteForce", "CausalTrace", "LayerChoice", "LayerSelector", "best_window",
-           "candidate_layers", "check_proxy", "tukey_fences", "window_starts"]
+__all__ = ["SELECTORS", "LGA", "BruteForce", "CausalTrace", "Verified", "LayerChoice", "LayerSelector",
+           "best_window", "bootstrap_stability", "candidate_layers", "check_proxy", "tukey_fences", "window_starts"]

@@ -9,7 +9,22 @@ PANELS = {
     "lga": "LGA  S(l) = sum_i <grad true, grad new>  (symlog)",
     "brute": "brute force: mean rank score per window start",
     "causal": "causal tracing: mean indirect effect at the decisive token",
+    "verified": "verified: mean rank score of real edits at the shortlisted window starts",
 }
+
+
+def panel_title(name: str, choice: dict[str, Any]) -> str | None:
+    """The panel title of a strategy (LGA variants get their reading), with its stability; None: no panel."""
+    from kedit.layers.base import format_stability
+
+    if name.startswith("lga-"):
+        title = f"LGA {choice['details'].get('variant', name)}: S(l) per layer (symlog)"
+    elif name in PANELS:
+        title = PANELS[name]
+    else:
+        return None
+    stab = choice["details"].get("stability")
+    return title + (f"\n{format_stability(stab)}" if stab else "")
 
 
 def plot_layers(result: dict[str, Any], path: str | Path) -> Path:
@@ -19,14 +34,14 @@ def plot_layers(result: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
 
-    strategies = [(k, v) for k, v in result["strategies"].items() if k in PANELS]
+    strategies = [(k, v) for k, v in result["strategies"].items() if panel_title(k, v)]
     fig, axes = plt.subplots(len(strategies), 1, figsize=(8, 2.6 * len(strategies)), squeeze=False, sharex=True)
     for ax, (name, ch) in zip(axes[:, 0], strategies, strict=True):
         x, y = ch["candidates"], ch["scores"]
-        ax.plot(x, y, marker="o", ms=3, lw=1, label=name)
-        chosen = [c for c in ch["layers"] if c in x] if name != "brute" else ch["layers"][:1]
+        ax.plot(x, y, marker="o", ms=3, lw=1 if name != "verified" else 0, label=name)
+        chosen = [c for c in ch["layers"] if c in x] if name not in ("brute", "verified") else ch["layers"][:1]
         ax.scatter(chosen, [y[x.index(c)] for c in chosen], color="red", zorder=3, label=f"chosen {ch['layers']}")
-        if name == "lga":
+        if name.startswith("lga"):
             lo, hi = ch["details"]["fences"]
             ax.axhline(hi, color="grey", ls="--", lw=0.8, label=f"Tukey fences (k={ch['details']['k']})")
             ax.axhline(lo, color="grey", ls="--", lw=0.8)
@@ -36,7 +51,7 @@ def plot_layers(result: dict[str, Any], path: str | Path) -> Path:
         test = result.get("test", {}).get("per_window")
         if name == "brute" and test:
             ax.plot([w[0] for w in test["windows"]], test["mean"], marker=".", lw=1, ls=":", label="test set")
-        ax.set_title(PANELS[name], fontsize=9)
+        ax.set_title(panel_title(name, ch), fontsize=8)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     from matplotlib.ticker import MaxNLocator

@@ -27,7 +27,7 @@ from kedit.arch import ArchitectureAdapter
 from kedit.eval import metrics as M
 from kedit.eval.datasets import EvalCase
 from kedit.eval.harness import Evaluator, case_metrics
-from kedit.layers.base import LayerChoice, candidate_layers, check_proxy, window_starts
+from kedit.layers.base import LayerChoice, bootstrap_stability, candidate_layers, check_proxy, window_starts
 from kedit.progress import bar
 from kedit.requests import EditRequest
 
@@ -104,8 +104,8 @@ def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], w
     parallel = distributed.active(next(model.parameters()).device)
     blocks = min(len(cases), -(-distributed.world_size() // len(windows))) if parallel else 1
     units = [(j, *distributed.shard_bounds(len(cases), b, blocks)) for j in range(len(windows)) for b in range(blocks)]
+    mine = list(distributed.shard(units)) if parallel else units
     found: list[tuple[int, int, float, float]] = []  # (request, window, score, tie)
-    mine = distributed.shard(units) if parallel else units
     pb = bar(sum(hi - lo for _, lo, hi in mine), "brute-force windows", "edit", progress)
     with distributed.serial() if parallel else contextlib.nullcontext():  # each rank edits alone
         for j, lo, hi in mine:
@@ -155,6 +155,7 @@ class BruteForce:
     seed: int = 0
     stats: Any = None                        # {layer: C}, StatsSpec or None (default StatsSpec)
     editor_kwargs: dict[str, Any] = field(default_factory=dict)  # solver hyperparameters, anchor=...
+    bootstrap: int = 200                     # resamples of the proxy set for the stability report (0 = off)
     progress: bool = False                   # progress bar on stderr (kedit.progress)
 
     def __post_init__(self) -> None:
@@ -180,6 +181,10 @@ class BruteForce:
         for j in optimal:
             hist[starts[j]] += 1
         best_per_request = ws.score.nan_to_num(-math.inf).max(1).values
+        s0, ties = ws.score.nan_to_num(0.0), ws.tie.nan_to_num(0.0)   # failed edits count as 0 when resampled
+        stability = bootstrap_stability(
+            lambda w: starts[ws.best(w @ s0 / w.sum(), w @ ties / w.sum())], len(cases), starts[golden],
+            self.bootstrap, self.seed)
         details = {
             "method": self.method, "targets": self.targets, "window": self.window, "windows": ws.windows,
             "score_keys": list(ws.keys), "tie_break": list(TIE_KEYS.get(cases[0].kind, ())), "n_proxy": len(cases),
@@ -187,6 +192,6 @@ class BruteForce:
             "sample_wise_optimum": best_per_request.mean().item(),   # mean over requests of their best score
             "optimal": [starts[j] for j in optimal], "histogram": hist,
             "per_request": ws.score.tolist(), "tie": ws.tie.tolist(), "failures": ws.failures,
-            "seconds": ws.seconds, "candidates_are": "first layer of each window",
+            "seconds": ws.seconds, "candidates_are": "first layer of each window", "stability": stability,
         }
         return LayerChoice("brute", windows[golden], starts, mean.tolist(), time.perf_counter() - t0, details)

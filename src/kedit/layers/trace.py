@@ -24,7 +24,7 @@ import torch
 
 from kedit.arch import ArchitectureAdapter
 from kedit.hooks import Index, Trace
-from kedit.layers.base import LayerChoice, best_window, candidate_layers, check_proxy
+from kedit.layers.base import LayerChoice, best_window, bootstrap_stability, candidate_layers, check_proxy
 from kedit.requests import EditRequest
 from kedit.tokens import Encoded, encode_with_subject, pad_id, pad_right, target_ids
 
@@ -152,10 +152,13 @@ class CausalTrace:
     window: int = 1                         # consecutive layers edited (1 = ROME)
     layers: tuple[int, ...] | None = None   # candidate layers; None = every layer
     batch_size: int = 8                     # prompts per forward pass (x samples rows)
+    bootstrap: int = 200                    # resamples of the proxy set for the stability report (0 = off)
 
     def __post_init__(self) -> None:
         if not self.noise >= 0:
             raise ValueError(f"CausalTrace.noise must be >= 0, got {self.noise}")
+        if self.bootstrap < 0:
+            raise ValueError(f"CausalTrace.bootstrap must be >= 0, got {self.bootstrap}")
         for name in ("samples", "window", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CausalTrace.{name} must be >= 1, got {getattr(self, name)}")
@@ -179,9 +182,12 @@ class CausalTrace:
         ie = res["p_restored"] - res["p_corrupted"][:, None]    # [n, L]
         scores = ie.mean(0).tolist()
         chosen, _ = best_window(cands, scores, self.window)
+        stability = bootstrap_stability(lambda w: best_window(cands, (w @ ie / w.sum()).tolist(), self.window)[0][0],
+                                        len(proxy), chosen[0], self.bootstrap, self.seed)
         details = {
             "noise": self.noise, "embedding_std": emb_std, "noise_std": self.noise * emb_std,
             "samples": self.samples, "seed": self.seed, "window": self.window, "n_proxy": len(proxy),
+            "window_score": "sum of layer scores", "stability": stability,
             "site": "residual stream after block l, decisive token", "answer": "first token of ' ' + target_true",
             "p_clean": res["p_clean"].mean().item(), "p_corrupted": res["p_corrupted"].mean().item(),
             "total_effect": (res["p_clean"] - res["p_corrupted"]).mean().item(),
