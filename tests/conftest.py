@@ -100,6 +100,17 @@ def tiny_gpt2(tiny_tok):
     return make_tiny("gpt2", tiny_tok)
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama saved as an HF directory (config, weights, tokenizer) with a small corpus.txt."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tiny_tok()
+    make_tiny("llama", tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "corpus.txt").write_text(CORPUS_TEXT * 5)
+    return d
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Caches of unit tests go to a temporary KEDIT_HOME; the real model's cache is shared."""

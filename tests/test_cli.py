@@ -6,19 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CORPUS_TEXT, make_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conftest import make_tiny_tok
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tiny_tok()
-    make_tiny("llama", tok).save_pretrained(d)
-    tok.save_pretrained(d)
-    (d / "corpus.txt").write_text(CORPUS_TEXT * 5)
-    return d
 
 
 def kedit(*args, home):

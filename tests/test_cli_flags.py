@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from conftest import CORPUS_TEXT, make_tiny
 
 from kedit.cli import build_parser, main
 from kedit.commands._common import hparam, parse_layers, parse_scalar, solver_hparams
@@ -17,18 +16,6 @@ from kedit.errors import UsageError
 from kedit.solvers import SOLVERS, make_solver
 
 FACT = ["--prompt", "The capital of {} is", "--subject", "France", "--target", "Berlin"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from conftest import make_tiny_tok
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tiny_tok()
-    make_tiny("llama", tok).save_pretrained(d)
-    tok.save_pretrained(d)
-    (d / "corpus.txt").write_text(CORPUS_TEXT * 5)
-    return d
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

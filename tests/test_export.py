@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny, make_tiny_tok
+from conftest import make_tiny
 
 from kedit.arch import ArchitectureAdapter
 from kedit.cli import main
@@ -113,15 +113,6 @@ def test_refusals_leave_model_and_destination_untouched(tiny_tok, tmp_path):
     assert not (full / "keep.txt").exists() and (full / "config.json").is_file()
     (tmp_path / "empty").mkdir()  # an existing empty directory is fine without overwrite
     edit.export(model, tmp_path / "empty", tiny_tok)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tiny_tok()
-    make_tiny("llama", tok).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def test_cli_export_and_apply_export(tiny_dir, tmp_path, capsys):
