@@ -350,3 +350,15 @@ def test_cache_clear_by_kind_age_and_dry_run(cache_home, capsys):
     rc, out, _ = run_cli(capsys, "cache", "clear", "--kind", "models")
     assert rc == 0 and not (cache_home / "models" / "smollm2-135m").exists()
     assert any((cache_home / "stats").iterdir())  # other kinds untouched
+
+
+def test_edit_warns_when_an_edit_did_not_take(tiny_dir, tmp_path, capsys, monkeypatch):
+    import kedit.commands.edit as edit_cmd
+
+    probes = iter([[{"p_new": 0.2, "p_true": None, "generation": "x"}],   # before the edit
+                   [{"p_new": 0.1, "p_true": None, "generation": "x"}]])  # after: P(new) fell
+    monkeypatch.setattr(edit_cmd, "snapshot", lambda *a, **k: next(probes))
+    rc, _, err = run_cli(capsys, "edit", "--model", tiny_dir, "--layers", "1", "--steps", "1", "--corpus",
+                         tiny_dir / "corpus.txt", "--tokens", "1000", *FACT, "--json")
+    assert rc == 0, err
+    assert "warning: the edit did not take for 'The capital of France is' -> 'Berlin' (P(new) 0.2 -> 0.1)" in err

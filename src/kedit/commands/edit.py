@@ -19,6 +19,7 @@ from kedit.commands._common import (
     verbose,
 )
 from kedit.errors import BadRequest
+from kedit.probe import did_not_take
 from kedit.requests import EditRequest, read_requests
 
 
@@ -59,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     edit = editor.apply(requests)
     seconds = time.perf_counter() - t0
     after = snapshot(model, tok, requests)
+    for i in did_not_take([b["p_new"] for b in before], [a["p_new"] for a in after]):
+        r = requests[i]
+        print(f"kedit edit: warning: the edit did not take for {r.filled!r} -> {r.target_new!r} (P(new) "
+              f"{before[i]['p_new']:.3g} -> {after[i]['p_new']:.3g}); try more --steps, other --layers or a "
+              "lower --lam", file=sys.stderr)
     if args.save and distributed.is_main():  # under torchrun every rank holds the same edit: rank 0 saves it
         path = edit.save(args.save)
         if verbose(args):
