@@ -7,9 +7,11 @@ self-sampled corpus, fluency texts, the demo's probes all go through here).
   ``forward`` takes (``cache`` in transformers >= 5.x, ``past_key_values`` before), so no deprecated
   keyword is used. Rows that finish are dropped from the batch with the cache's public
   ``batch_select_indices``; a cache without it keeps them (masked) instead.
-- Sampling is by inverse CDF with one private ``torch.Generator`` per row, seeded from
-  ``(seed, row index)``: the global RNG is never touched, the same seed gives the same text, and a
-  row's text does not depend on which other rows share its batch.
+- Sampling is ``torch.multinomial`` over the top-k softmax with one private ``torch.Generator`` per row,
+  seeded from ``(seed, row index)`` (row 0 with ``seed`` itself, so a one-row call draws exactly what
+  kedit's earlier single-generator sampler drew: the context templates stay those of earlier releases):
+  the global RNG is never touched, the same seed gives the same text, and a row's text does not depend
+  on which other rows share its batch.
 - A row stops at EOS (not included), at its token limit, or at the model's context length.
 """
 
@@ -38,7 +40,10 @@ def context_length(model) -> int | None:
 
 
 def row_seed(seed: int, index: int) -> int:
-    """The seed of row ``index`` of a call seeded with ``seed`` (a hash, so nearby seeds do not overlap)."""
+    """The seed of row ``index`` of a call seeded with ``seed``: ``seed`` for row 0, a hash for the others
+    (so nearby seeds do not overlap)."""
+    if index == 0:
+        return seed
     return int.from_bytes(hashlib.sha256(f"kedit-gen:{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
@@ -193,14 +198,13 @@ def _generate_batch(model, prompts, limits, top_k, seeds, eos, pad, bar) -> list
 
 
 def _pick(logits: torch.Tensor, top_k: int, gens: list[torch.Generator] | None) -> torch.Tensor:
-    """Next token per row from ``logits [b, V]``: argmax, or inverse-CDF sampling with each row's generator."""
+    """Next token per row from ``logits [b, V]``: argmax, or one multinomial draw per row with its generator."""
     if top_k == 1:
         return logits.argmax(-1)
+    logits = logits.float().cpu()  # the draw happens on CPU with the row's CPU generator
     vals, idx = logits.topk(top_k, dim=-1) if top_k else (logits, None)  # [b, k]
-    cdf = vals.softmax(-1).cumsum(-1).cpu()  # [b, k]
-    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])  # [b]
-    choice = (cdf < (u[:, None] * cdf[:, -1:]).float()).sum(-1).clamp_max(cdf.shape[-1] - 1)  # [b]
-    choice = choice.to(logits.device)
+    probs = vals.softmax(-1)  # [b, k]
+    choice = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0] for i, g in enumerate(gens)])  # [b]
     return idx.gather(1, choice[:, None])[:, 0] if idx is not None else choice
 
 
