@@ -130,10 +130,12 @@ def sampled_corpus(model, tok, tokens: int, seed: int = 0, progress: bool = True
         docs: list[str] = []
         n = 0
         while n < tokens:  # every sample holds at least its prefix, so this ends
-            # rows for the rest, 15% spare for rows that stop early at EOS: a top-up round costs another
-            # max_new_tokens sequential steps, spare rows in the same batch cost only their own compute
+            # rows for the rest, with spare for rows that stop early at EOS (SmolLM2's rows fill ~90% of
+            # max_new_tokens): spare rows in the same batch cost only their own compute, while a top-up round
+            # costs another max_new_tokens sequential steps whatever its size, so a top-up samples generously
             per_row = n / len(docs) if docs else max_new_tokens  # tokens per row so far
-            rows = range(len(docs), len(docs) + max(1, math.ceil(1.15 * (tokens - n) / max(per_row, 1))))
+            spare, least = (2.0, 8) if docs else (1.2, 1)
+            rows = range(len(docs), len(docs) + max(least, math.ceil(spare * (tokens - n) / max(per_row, 1))))
             new = generate_ids(model, [prefix_ids[which(r)] for r in rows], max_new_tokens, top_k=top_k,
                                seeds=[row_seed(seed, r) for r in rows], eos_token_id=tok.eos_token_id,
                                pad_token_id=pad_id(tok), progress=progress, desc="sampling corpus")
