@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--facts", type=int, default=5, help="how many demo facts to edit (1-10)")
     p.add_argument("--corpus", default=None, help="statistics corpus (default: text sampled from the model)")
-    p.add_argument("--tokens", type=int, default=16_000,
+    p.add_argument("--tokens", type=int, default=12_000,
                    help="statistics token budget (small by default so the demo stays quick on a laptop CPU)")
     p.add_argument("--layers", default=None, help="comma-separated layers (default: from depth)")
 
