@@ -100,7 +100,7 @@ def main() -> int:
         return worker(args)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from machine import machine  # bench/machine.py
+    from common import machine  # bench/common.py
 
     info = machine()
     load_before = os.getloadavg()

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import machine  # bench/machine.py (scripts run as bench/<name>.py)
+from common import machine  # bench/common.py (scripts run as bench/<name>.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # never copied into the repo

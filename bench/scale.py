@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import machine  # bench/machine.py (scripts run as bench/<name>.py)
+from common import machine  # bench/common.py (scripts run as bench/<name>.py)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scale.json"

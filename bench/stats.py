@@ -26,7 +26,7 @@ from torch import nn
 
 import kedit.stats as stats_mod
 from kedit.arch import ArchitectureAdapter
-from kedit.commands.stats import parse_layers
+from kedit.commands._common import layer_list
 from kedit.corpus import batches, open_corpus, pack_rows
 from kedit.models import load_model
 from kedit.tokens import pad_id
@@ -41,7 +41,7 @@ def timed(fn) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=40_000)
-    p.add_argument("--layers", type=parse_layers, default=[4, 5, 6, 7, 8])
+    p.add_argument("--layers", type=layer_list, default=[4, 5, 6, 7, 8])
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-tokens", type=int, default=stats_mod.StatsSpec().batch_tokens)
     p.add_argument("--rounds", type=int, default=3)

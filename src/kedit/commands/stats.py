@@ -8,7 +8,6 @@ import sys
 import time
 
 from kedit.commands._common import add_layers_arg, add_model_args, add_seed_arg, add_stats_args, load, stats_spec
-from kedit.commands._common import layer_list as parse_layers  # noqa: F401  (bench/stats.py uses this name)
 from kedit.stats import StatsInfo
 
 
