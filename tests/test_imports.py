@@ -109,3 +109,11 @@ def test_version_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(SRC), "PATH": ""}).stdout.split()
     assert out[-2:] == ["False", "False"], out
+
+
+def test_public_names_match():
+    """``kedit.__all__`` lists exactly the lazily imported public names, and each resolves."""
+    import kedit
+
+    assert sorted(kedit.__all__[1:]) == sorted(kedit._LAZY)
+    assert all(getattr(kedit, name) is not None for name in kedit.__all__)

@@ -19,8 +19,12 @@ if TYPE_CHECKING:
         BadRequest,
         DatasetFormatError,
         EditFailed,
+        EditOrderError,
+        ExportError,
         KeditError,
+        ModelLoadError,
         ModelNotFound,
+        PatchError,
         StatsCacheError,
         UnsupportedArchitecture,
     )
@@ -30,16 +34,17 @@ if TYPE_CHECKING:
 # public name -> module defining it
 _LAZY = {
     "ArchitectureAdapter": "kedit.arch", "Edit": "kedit.edit", "Editor": "kedit.editor",
-    "BadRequest": "kedit.errors", "DatasetFormatError": "kedit.errors", "EditFailed": "kedit.errors",
-    "KeditError": "kedit.errors", "ModelNotFound": "kedit.errors", "StatsCacheError": "kedit.errors",
-    "UnsupportedArchitecture": "kedit.errors", "load_model": "kedit.models", "EditRequest": "kedit.requests",
-    "read_requests": "kedit.requests",
+    "load_model": "kedit.models", "EditRequest": "kedit.requests", "read_requests": "kedit.requests",
+    **{name: "kedit.errors" for name in (
+        "BadRequest", "DatasetFormatError", "EditFailed", "EditOrderError", "ExportError", "KeditError",
+        "ModelLoadError", "ModelNotFound", "PatchError", "StatsCacheError", "UnsupportedArchitecture")},
 }
 
-__all__ = [
+__all__ = [  # literal for linters and type checkers; test_public_names_match checks it against _LAZY
     "__version__",
-    "ArchitectureAdapter", "BadRequest", "DatasetFormatError", "Edit", "EditFailed", "EditRequest", "Editor",
-    "KeditError", "ModelNotFound", "StatsCacheError", "UnsupportedArchitecture", "load_model", "read_requests",
+    "ArchitectureAdapter", "BadRequest", "DatasetFormatError", "Edit", "EditFailed", "EditOrderError",
+    "EditRequest", "Editor", "ExportError", "KeditError", "ModelLoadError", "ModelNotFound", "PatchError",
+    "StatsCacheError", "UnsupportedArchitecture", "load_model", "read_requests",
 ]
 
 
