@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import SHARED
+from conftest import SHARED, shared_data
 
 from kedit.commands.demo import demo_requests, unrelated_prompts
 from kedit.edit import Edit
@@ -41,8 +41,11 @@ def _success(model, tok, facts) -> list[bool]:
 # Forward replay with the default lam takes 9/10 edits here but flips up to 3 near-tie unrelated prompts
 # ("Barack Obama was born in" flips under any edit); a lam that keeps 9/10 of them (>= 25000) lets only
 # 3/10 edits take (closing note of the editing-core issue). Its locality bar is therefore 7/10, not 9/10.
+# The success and locality bars of these two tests were measured with wikitext statistics (40k tokens); with
+# statistics from the model's own samples (a fresh clone without ../shared) locality differs by a prompt or two.
 @pytest.mark.parametrize("targets, min_kept", [("backward", 9), ("forward", 7)])
 def test_memit_edits_succeed_and_unrelated_prompts_keep(setup, targets, min_kept, capsys):
+    shared_data("wikitext-2-raw/wiki.test.raw")
     model, tok, stats, facts, unrelated, unrelated_before = setup
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     editor = Editor(model, tok, method="memit", targets=targets, layers=LAYERS, stats=stats, diagnostics=True)
@@ -59,6 +62,7 @@ def test_memit_edits_succeed_and_unrelated_prompts_keep(setup, targets, min_kept
 
 
 def test_rome_single_edits_succeed_and_unrelated_prompts_keep(setup, capsys):
+    shared_data("wikitext-2-raw/wiki.test.raw")  # bars measured with wikitext statistics, as above
     model, tok, stats, facts, unrelated, unrelated_before = setup
     editor = Editor(model, tok, method="rome", stats={LAYERS[0]: stats[LAYERS[0]]})  # default layer: 4
     ok, kept = [], []
