@@ -4,6 +4,7 @@ selector, `--layers auto`, one-line errors."""
 import pytest
 import torch
 from conftest import make_tiny
+from test_layers import _PlantedEditor as PlantedLayerEditor
 
 from kedit.arch import ArchitectureAdapter
 from kedit.errors import BadRequest, KeditError
@@ -131,29 +132,11 @@ def test_lga_and_causal_report_stability(tiny_tok):
         assert sum(f for _, f in stab["alternatives"]) <= 1 - stab["fraction"] + 1e-12
 
 
-class _PlantedEditor:
+class _PlantedEditor(PlantedLayerEditor):
     """Stand-in for kedit.editor.Editor: only an edit whose window starts at ``PLANTED`` says target_new."""
 
-    PLANTED = 2
-
-    def __init__(self, model, tok, method, targets, layers, stats, seed, **kw):
-        self.model, self.tok, self.layers = model, tok, layers
-        self.timings = {"optimize": 0.0}
-
-    def apply_each(self, requests, skip_failures=False):
-        for r in requests:
-            if self.layers[0] != self.PLANTED:
-                yield type("NoEdit", (), {"undo": lambda self: None})()
-                continue
-            ids = [self.tok(" " + r.target_new)["input_ids"][0]]
-
-            def boost(_m, _a, out, ids=ids):
-                out = out.clone()
-                out[..., ids] += 20.0
-                return out
-
-            handle = self.model.get_output_embeddings().register_forward_hook(boost)
-            yield type("Edit", (), {"undo": lambda self, h=handle: h.remove()})()
+    def planted(self, layers: list[int]) -> bool:
+        return layers[0] == self.PLANTED
 
 
 def test_verified_finds_planted_layer_from_the_shortlist(tiny_tok, monkeypatch):

@@ -221,9 +221,12 @@ class _PlantedEditor:
         self.model, self.tok, self.layers = model, tok, layers
         self.timings = {"optimize": 0.0}
 
+    def planted(self, layers: list[int]) -> bool:
+        return layers == [self.PLANTED]
+
     def apply_each(self, requests, skip_failures=False):
         for r in requests:
-            if self.layers != [self.PLANTED]:
+            if not self.planted(self.layers):
                 yield type("NoEdit", (), {"undo": lambda self: None})()
                 continue
             ids = [self.tok(" " + r.target_new)["input_ids"][0]]
