@@ -23,6 +23,11 @@ def test_edit_json_save_and_apply(tiny_dir, tmp_path):
     out = json.loads(r.stdout)
     assert out["method"] == "memit" and out["targets"] == "forward" and out["layers"] == [1, 2]
     assert out["seconds"] > 0 and len(out["diagnostics"]) == 2
+    # every hyperparameter of the run, not only the flags given (issue 11)
+    from kedit.optimize import AnchorConfig
+    assert out["solver"] == {"name": "memit", "lam": 15000.0, "sequential_cache": True}
+    assert set(out["anchor"]) == {f for f in AnchorConfig.__dataclass_fields__} and out["anchor"]["steps"] == 3
+    assert out["key_weighting"] == "grouped" and out["edit_layers"] == [1, 2] and out["seed"] == 0
     req = out["requests"][0]
     for phase in ("before", "after"):
         assert set(req[phase]) == {"p_new", "p_true", "generation"}

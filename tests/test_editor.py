@@ -267,27 +267,28 @@ def test_sequential_state_carried_and_rolled_back_by_undo(tiny_tok):
     assert "C_cache" not in editor.state[2]
 
 
-def test_default_preservation_weight_follows_the_targets_also_for_post_processors(tiny_llama, tiny_tok):
-    from kedit.solvers import EMMET, MEMIT, Prune, Rect
+def test_default_preservation_weight_is_the_solvers_whatever_the_targets(tiny_llama, tiny_tok):
+    # issue 11: one lam default (kedit.solvers.DEFAULT_LAM), for names and objects alike, whatever the targets
+    # (before, backward spreading got 5000 through a per-construction preference)
+    from kedit.solvers import DEFAULT_LAM, EMMET, MEMIT, Prune, Rect
 
     def solver(method, targets, **hp):
         return Editor(tiny_llama, tiny_tok, method=method, targets=targets, layers=[1, 2], **hp).solver
 
-    for method in ("memit", MEMIT(), "emmet", EMMET()):
-        assert solver(method, "backward").lam == 5000.0
-        assert solver(method, "forward").lam == 15000.0
-        assert solver(method, "onelayer").lam == 15000.0 and solver(method, "blue").lam == 15000.0
-    for method in ("prune", Prune(), "rect", Rect()):
-        assert solver(method, "backward").base == MEMIT(lam=5000.0)
-        assert solver(method, "forward").base.lam == 15000.0
-    # a base given by name defers to the targets too; a lam the user set is never replaced
-    assert solver("rect", "backward", base="emmet").base == EMMET(lam=5000.0)
-    assert solver(Rect(base="emmet"), "backward").base == EMMET(lam=5000.0)
+    assert DEFAULT_LAM == 15000.0
+    for targets in ("backward", "forward", "onelayer", "blue"):
+        for method in ("memit", MEMIT(), "emmet", EMMET()):
+            assert solver(method, targets).lam == DEFAULT_LAM
+        for method in ("prune", Prune(), "rect", Rect()):
+            assert solver(method, targets).base == MEMIT(lam=DEFAULT_LAM)
+        assert solver("rect", targets, base="emmet").base == EMMET(lam=DEFAULT_LAM)
+        assert solver(Rect(base="emmet"), targets).base == EMMET(lam=DEFAULT_LAM)
+    # a lam the user set is kept, by name, object or nested base
     assert solver("prune", "backward", base={"name": "memit", "lam": 7.0}).base.lam == 7.0
-    assert solver("memit", "backward", lam=20000.0).lam == 20000.0
-    assert solver(MEMIT(lam=15000.0), "backward").lam == 15000.0
+    assert solver("memit", "backward", lam=5000.0).lam == 5000.0
+    assert solver(MEMIT(lam=5000.0), "forward").lam == 5000.0
     assert not hasattr(Editor(tiny_llama, tiny_tok, method="rome", layers=[1]).solver, "lam")
-    assert MEMIT().lam == 15000.0  # called directly, a solver uses its own default
+    assert MEMIT().lam == EMMET().lam == DEFAULT_LAM
 
 
 def test_name_and_object_give_the_same_config_and_edit(tiny_tok):
@@ -305,7 +306,7 @@ def test_name_and_object_give_the_same_config_and_edit(tiny_tok):
             deltas.append({layer: d.dense() for layer, d in edit.deltas.items()})
             assert edit.record["solver"] == configs[-1]
         lam = configs[0]["base"]["lam"] if name == "prune" else configs[0]["lam"]
-        assert configs[0] == configs[1] and lam == hp.get("lam", 5000.0)
+        assert configs[0] == configs[1] and lam == hp.get("lam", 15000.0)  # one default lam (issue 11)
         assert deltas[0].keys() == deltas[1].keys()
         assert all(torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0])
 

@@ -27,9 +27,9 @@ from kedit.models import device_map_summary, model_fingerprint, model_info
 from kedit.optimize import AnchorConfig, Anchors, optimize_anchors
 from kedit.progress import bar
 from kedit.requests import EditRequest, check_batch
-from kedit.solvers import LayerProblem, make_solver, resolve_defaults, with_hparams, work_dtype
-from kedit.targets import make_targets, preferred_hparams
-from kedit.templates import context_templates
+from kedit.solvers import LayerProblem, make_solver, with_hparams, work_dtype
+from kedit.targets import make_targets
+from kedit.templates import KEY_WEIGHTINGS, context_templates, template_weights
 from kedit.tokens import check_limits, pad_id
 
 
@@ -102,11 +102,15 @@ class Editor:
     ``{layer: C [f, f]}`` mapping; ``anchor``: AnchorConfig overrides (dict) or an AnchorConfig;
     ``diagnostics``: record per edited layer the remaining residual ratio at the last layer, the cosine
     between its own and its induced output change, and its update norm (one extra bare-prompt pass per
-    layer); other keyword arguments are the solver's hyperparameters, for a name or an object alike (applied
-    with ``dataclasses.replace``, unknown names rejected); a preservation weight ``lam`` left at its default
-    takes the target construction's preferred value (``kedit.solvers.resolve_defaults``), recorded in
-    ``config()["solver"]``. Sequential calls to ``apply`` carry the solver state (e.g. MEMIT's ``C_cache``);
-    ``reset()`` forgets it.
+    layer), plus what the solver reports per layer (AlphaEdit: ``null_dim`` and its threshold, always);
+    ``key_weighting``: how a request's template keys are averaged into its key K (every solver, ROME's k* too):
+    ``"grouped"`` (default, MEMIT's reference: bare prompt 1/2, the prefixed templates share the other 1/2) or
+    ``"flat"`` (plain mean over all templates; kedit before issue 11, ROME's reference), see
+    ``kedit.templates.template_weights``; other keyword arguments are the solver's hyperparameters, for a name
+    or an object alike (applied with ``dataclasses.replace``, unknown names rejected). Defaults are the solver
+    dataclass's own, whatever the target construction (one ``lam`` default: ``kedit.solvers.DEFAULT_LAM``);
+    everything used is in ``config()``. Sequential calls to ``apply`` carry the solver state (e.g. MEMIT's
+    ``C_cache``); ``reset()`` forgets it.
 
     ``anchor_cache``: a dict shared by several editors (e.g. one per solver) so that anchors already
     optimised for the same weights, requests, layer, templates and anchor settings are reused: the
@@ -116,13 +120,15 @@ class Editor:
     def __init__(self, model, tok, method: str | Any = "memit", targets: str | Any = "forward",
                  layers: list[int] | None = None, *, stats: Any = None, anchor: AnchorConfig | dict | None = None,
                  seed: int = 0, diagnostics: bool = True, verbose: bool = False,
-                 anchor_cache: dict | None = None, **hparams: Any):
+                 anchor_cache: dict | None = None, key_weighting: str = "grouped", **hparams: Any):
         self.model, self.tok = model, tok
         self.adapter = ArchitectureAdapter.from_model(model)
         self.builder = make_targets(targets) if isinstance(targets, str) else targets
-        # names and objects alike: hparams applied (checked), then the target construction's preferred lam
-        solver = make_solver(method, **hparams) if isinstance(method, str) else with_hparams(method, **hparams)
-        self.solver = resolve_defaults(solver, preferred_hparams(self.builder))
+        # names and objects alike: hparams applied (checked); the target construction never changes them
+        self.solver = make_solver(method, **hparams) if isinstance(method, str) else with_hparams(method, **hparams)
+        if key_weighting not in KEY_WEIGHTINGS:
+            raise ValueError(f"unknown key_weighting {key_weighting!r}; valid: {list(KEY_WEIGHTINGS)}")
+        self.key_weighting = key_weighting
         multi = getattr(self.solver, "multi_layer", True)
         self.layers = sorted(self.adapter.check_layer(int(x)) for x in (layers or default_layers(
             self.adapter.n_layers, multi)))
@@ -172,7 +178,7 @@ class Editor:
             "devices": self.adapter.offload_summary(), "device_map": device_map_summary(self.model),
             "fingerprint": self.fingerprint, "architecture": self.adapter.describe(),
             "method": self.solver.name, "solver": describe(self.solver),
-            "targets": self.builder.name, "layers": self.layers,
+            "targets": self.builder.name, "layers": self.layers, "key_weighting": self.key_weighting,
             "anchor": describe(self.anchor_cfg), "stats": stats, "seed": self.seed,
             "templates": self.templates, "kl_prompt": KL_PROMPT, "torch": torch.__version__,
         }
@@ -206,17 +212,22 @@ class Editor:
 
     # -- forward passes the targets and the loop need ------------------------------------------
     @torch.no_grad()
-    def _read(self, prep: TokenBatch, key_layers: list[int], hidden_layers: list[int],
-              chunk: int = 256) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    def _read(self, prep: TokenBatch, key_layers: list[int], hidden_layers: list[int], chunk: int = 256,
+              bare_keys: dict[int, torch.Tensor] | None = None) -> tuple[dict[int, torch.Tensor],
+                                                                          dict[int, torch.Tensor]]:
         """Template-averaged keys ``{l: [n, f]}`` and bare-prompt residuals ``{l: [n, d]}`` now.
 
-        Without ``key_layers`` only the bare-prompt rows are run (1/T of the template rows). Inputs go to
-        the embedding's device; keys are captured on their W_out's device and summed there in the solve
-        precision; both results are returned on CPU (``[n, f]``/``[n, d]``: small).
+        Keys are weighted per template by ``self.key_weighting`` (``kedit.templates.template_weights``). Given a
+        dict ``bare_keys``, it is filled with the bare prompt's keys ``{l: [n, f]}`` of the same pass (r-ROME's
+        numerator). Without ``key_layers`` only the bare-prompt rows are run (1/T of the template rows). Inputs
+        go to the embedding's device; keys are captured on their W_out's device and summed there in the solve
+        precision; all results are returned on CPU (``[n, f]``/``[n, d]``: small).
         """
         device = self.adapter.input_device
         keys = {layer: torch.zeros(prep.n, self.adapter.d_ff, dtype=work_dtype(self.adapter.layer_device(layer)),
                                    device=self.adapter.layer_device(layer)) for layer in key_layers}
+        bare_parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in key_layers}
+        weights = template_weights(self.templates, self.key_weighting) if key_layers else None  # [T]
         hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
         rows = torch.arange(prep.key_ids.shape[0]) if key_layers else prep.bare_rows
         for lo in range(0, len(rows), chunk):
@@ -231,15 +242,20 @@ class Editor:
                 tr.stop_after(max(key_layers + hidden_layers))
                 tr.run(input_ids=prep.key_ids[sl, :width].to(device),
                        attention_mask=prep.key_mask[sl, :width].to(device))
+            bare = (sl % prep.T) == 0  # row i*T is request i's bare prompt
             for layer in key_layers:
                 acc = keys[layer]
                 k = tr.keys[layer].to(device=acc.device, dtype=acc.dtype)  # [m, f]
-                acc.index_add_(0, prep.key_request[sl].to(acc.device), k)
-            bare = (sl % prep.T) == 0
+                w = weights[sl % prep.T].to(device=acc.device, dtype=acc.dtype)  # [m]: row's template weight
+                acc.index_add_(0, prep.key_request[sl].to(acc.device), k * w[:, None])
+                if bare_keys is not None:
+                    bare_parts[layer].append(k[bare.to(k.device)].cpu())
             for layer in hidden_layers:
                 h = tr.blocks[layer]
                 hidden[layer].append(h[bare.to(h.device)].float().cpu())
-        return ({k: (v / prep.T).cpu() for k, v in keys.items()}, {k: torch.cat(v) for k, v in hidden.items()})
+        if bare_keys is not None:
+            bare_keys.update({k: torch.cat(v) for k, v in bare_parts.items()})
+        return ({k: v.cpu() for k, v in keys.items()}, {k: torch.cat(v) for k, v in hidden.items()})
 
     @torch.no_grad()
     def _replay(self, prep: TokenBatch, layer: int, z: torch.Tensor, read_layers: list[int]) -> dict[int, torch.Tensor]:
@@ -370,6 +386,8 @@ class Editor:
         edit = Edit(requests, record)
         edit.targets = targets
         pending, diag = [], []
+        # r-ROME's numerator v* - W k* needs the bare prompt's key beside the template-averaged k* (METHODS §5)
+        wants_bare = any(getattr(s, "needs_K_bare", False) for s in (self.solver, getattr(self.solver, "base", None)))
         t_solve = time.perf_counter()
         final = targets.final_layer
         layer = targets.edit_layers[0]
@@ -377,7 +395,8 @@ class Editor:
             h_final_before = None
             for j, layer in enumerate(bar(desc="keys+solve", unit="layer", enabled=self.verbose and len(
                     targets.edit_layers) > 1, iterable=targets.edit_layers)):
-                keys, hidden = self._read(prep, [layer], sorted({layer, final}))
+                bare: dict[int, torch.Tensor] | None = {} if wants_bare else None
+                keys, hidden = self._read(prep, [layer], sorted({layer, final}), bare_keys=bare)
                 if self.diagnostics and h_final_before is None:
                     h_final_before = hidden[final]
                 R = targets.residual(j, hidden.__getitem__)  # [n, d]
@@ -387,13 +406,19 @@ class Editor:
                 problem = LayerProblem(layer, K=keys[layer].T.to(**at), R=R.T.to(**at),
                                        C=self.second_moment(layer).to(**at),
                                        W=self.adapter.w_out_weight(layer).detach().to(**at),
-                                       state=copy.copy(self.state[layer]))
+                                       state=copy.copy(self.state[layer]),
+                                       K_bare=None if bare is None else bare[layer].T.to(**at))
                 delta = self.solver.solve(problem)
                 edit.add_layer(self.adapter, layer, delta)
                 edit.problems[layer] = problem
                 pending.append((layer, problem, delta))
+                entry = {"layer": layer}
                 if self.diagnostics:
-                    diag.append(self._diagnose(prep, targets, layer, keys[layer], hidden, delta, h_final_before))
+                    entry = self._diagnose(prep, targets, layer, keys[layer], hidden, delta, h_final_before)
+                if hasattr(self.solver, "diagnostics"):  # e.g. AlphaEdit's null_dim: recorded even without ours
+                    entry.update(self.solver.diagnostics(problem))
+                if len(entry) > 1:
+                    diag.append(entry)
         except BaseException as e:  # Ctrl-C too: restore every touched layer, then re-raise as is
             edit.undo()
             if not isinstance(e, Exception):

@@ -50,25 +50,10 @@ class Targets:
         return self.per_layer[layer] - hidden(layer)
 
 
-# Preservation weight each construction prefers (kedit.solvers.resolve_defaults applies it). Backward spreading
-# hands layer j only 1/(L-j+1) of the residual, so at equal lam it pushes far less than forward replay or one-layer
-# editing, which give every layer its full residual. Measured on SmolLM2 (10 counterfactuals, layers 4-8): backward
-# needs lam <= 6000 for 9/10 edits to take, forward replay <= 15000 (the MEMIT papers' value), hence 5000 and 15000.
-FULL_RESIDUAL_LAM = 15000.0
-SHARED_RESIDUAL_LAM = 5000.0
-
-
-def preferred_hparams(builder: object) -> dict[str, float]:
-    """Solver hyperparameters the target construction prefers (``{}`` for a builder that declares none)."""
-    lam = getattr(builder, "preferred_lam", None)
-    return {} if lam is None else {"lam": float(lam)}
-
-
 class OneLayer:
     """Edit only the last layer with ``R = z - h_L`` (anchor at that layer)."""
 
     name: ClassVar[str] = "onelayer"
-    preferred_lam: ClassVar[float] = FULL_RESIDUAL_LAM
 
     def anchor_layers(self, layers: list[int]) -> list[int]:
         return [layers[-1]]
@@ -82,7 +67,6 @@ class BackwardSpread:
     """MEMIT: anchor at the last layer; layer j gets ``r / (L - j + 1)`` of the remaining residual."""
 
     name: ClassVar[str] = "backward"
-    preferred_lam: ClassVar[float] = SHARED_RESIDUAL_LAM
 
     def anchor_layers(self, layers: list[int]) -> list[int]:
         return [layers[-1]]
@@ -100,7 +84,6 @@ class ForwardReplay:
     """
 
     name: ClassVar[str] = "forward"
-    preferred_lam: ClassVar[float] = FULL_RESIDUAL_LAM
 
     def anchor_layers(self, layers: list[int]) -> list[int]:
         return [layers[0]]
@@ -115,7 +98,6 @@ class BLUE:
     """Baseline: independent anchors at the first and last layers; only those two are edited."""
 
     name: ClassVar[str] = "blue"
-    preferred_lam: ClassVar[float] = FULL_RESIDUAL_LAM
 
     def anchor_layers(self, layers: list[int]) -> list[int]:
         return [layers[0], layers[-1]] if len(layers) > 1 else [layers[0]]

@@ -16,20 +16,24 @@ def null_projector(a) -> np.ndarray:
     return U @ U.T
 
 
+RELATIVE = AlphaEdit(threshold=1e-2, relative=True)  # the variant (kedit's default before issue 11)
+
+
 def test_projector_relative_and_absolute_and_cached():
     p, a = make_problem()
-    P = AlphaEdit().projector(p)
+    P = RELATIVE.projector(p)
     assert P.dtype == torch.float64
     assert rel_err(P.numpy(), null_projector(a)) < 1e-10
     assert int(p.state["null_dim"]) == 8
-    assert AlphaEdit().projector(p) is P  # computed once per layer, kept in the editor's state
-    # absolute threshold (paper: 0.02): here it splits the same gap
+    assert RELATIVE.projector(p) is P  # computed once per layer, kept in the editor's state
+    # absolute threshold (paper: 0.02, the default): here it splits the same gap
     p2, _ = make_problem()
-    assert rel_err(AlphaEdit(threshold=0.02, relative=False).projector(p2).numpy(), null_projector(a)) < 1e-10
+    assert AlphaEdit() == AlphaEdit(threshold=0.02, relative=False)
+    assert rel_err(AlphaEdit().projector(p2).numpy(), null_projector(a)) < 1e-10
     # the relative threshold does not depend on C's scale; an absolute one does
     p3, _ = make_problem()
     p3.C = p3.C * 1e3
-    assert rel_err(AlphaEdit().projector(p3).numpy(), null_projector(a)) < 1e-10
+    assert rel_err(RELATIVE.projector(p3).numpy(), null_projector(a)) < 1e-10
     p4, _ = make_problem()
     p4.C = p4.C * 1e3
     assert int(torch.linalg.matrix_rank(AlphaEdit(threshold=0.02, relative=False).projector(p4))) < 8
@@ -99,7 +103,8 @@ def test_empty_null_space_warns_and_gives_zero():
     assert np.abs(dense(delta)).max() == 0
 
 
-@pytest.mark.parametrize("kwargs, field", [({"threshold": 0.0}, "threshold"), ({"threshold": 1.5}, "threshold"),
+@pytest.mark.parametrize("kwargs, field", [({"threshold": 0.0}, "threshold"),
+                                           ({"threshold": 1.5, "relative": True}, "threshold"),
                                            ({"L2": 0.0}, "L2")])
 def test_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -163,7 +163,7 @@ def add_solver_args(p: argparse.ArgumentParser, *, method: str = "memit", allow_
     g.add_argument("--targets", default="forward", choices=sorted(TARGETS), help=targets_help)
     g.add_argument("--lam", type=nonneg_float, default=None,
                    help="preservation weight of MEMIT/EMMET (PRUNE/RECT: of their base solver); rejected for "
-                        "solvers without one (default: 5000 for backward targets, 15000 otherwise)")
+                        "solvers without one (default: 15000, whatever --targets)")
     g.add_argument("--hparam", type=hparam, action="append", default=[], metavar="NAME=VALUE",
                    help="any solver hyperparameter, repeatable; nested base solver as base.NAME=VALUE, base=NAME "
                         "picks PRUNE/RECT's base (default: the solver's defaults)")
@@ -209,6 +209,11 @@ def add_editor_args(p: argparse.ArgumentParser, *, allow_none: bool = False, tok
     add_stats_args(p, tokens=tokens)
     add_anchor_args(p)
     add_seed_arg(p)
+    from kedit.templates import KEY_WEIGHTINGS
+
+    p.add_argument("--key-weighting", choices=KEY_WEIGHTINGS, default="grouped",
+                   help="how a request's context-template keys are averaged: grouped (MEMIT's reference: bare "
+                        "prompt 1/2, prefixed templates the other 1/2) or flat (plain mean) (default: grouped)")
     p.add_argument("--diagnostics", action="store_true",
                    help="print per-layer diagnostics (always recorded in the JSON output) (default: off)")
 
@@ -452,11 +457,13 @@ def make_editor(args: argparse.Namespace, model, tok, verbose: bool = True):
         from kedit.layers.auto import resolve_auto
 
         decision = resolve_auto(model, tok, args.method, args.targets, stats=stats_spec(args),
-                                editor_kwargs={"anchor": anchor_overrides(args), **solver_hparams(args)})
+                                editor_kwargs={"anchor": anchor_overrides(args), "key_weighting": args.key_weighting,
+                                               **solver_hparams(args)})
         print(f"[kedit] {decision.summary()}", file=sys.stderr, flush=True)
         layers = decision.layers
     return Editor(model, tok, method=args.method, targets=args.targets, layers=layers, stats=stats_spec(args),
-                  anchor=anchor_overrides(args), seed=args.seed, verbose=verbose, **solver_hparams(args))
+                  anchor=anchor_overrides(args), seed=args.seed, verbose=verbose, key_weighting=args.key_weighting,
+                  **solver_hparams(args))
 
 
 # -- printing ---------------------------------------------------------------------------------------------------
@@ -489,5 +496,6 @@ def print_table(requests: list[EditRequest], before: list[dict], after: list[dic
 
 def print_diagnostics(record: dict[str, Any], out=sys.stderr) -> None:
     for d in record.get("diagnostics", []):
+        null = f"  null_dim {d['null_dim']}/{d['d_ff']}" if "null_dim" in d else ""
         print(f"  layer {d['layer']:>3}: remaining residual {d['residual_ratio']:.3f}  "
-              f"cos(own, induced) {d['cos_own_induced']:.3f}  |delta| {d['delta_norm']:.3f}", file=out)
+              f"cos(own, induced) {d['cos_own_induced']:.3f}  |delta| {d['delta_norm']:.3f}{null}", file=out)

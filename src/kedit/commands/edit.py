@@ -70,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
         if verbose(args):
             print(f"[kedit] saved patch to {path}", file=sys.stderr)
     if args.json:
+        rec = edit.record  # the run's settings as the record holds them: every hyperparameter, not only the flags
         out = {"method": args.method, "targets": args.targets, "layers": editor.layers,
+               "edit_layers": rec["edit_layers"], "solver": rec["solver"], "anchor": rec["anchor"],
+               "key_weighting": rec["key_weighting"], "stats": rec["stats"], "seed": rec["seed"],
                "seconds": round(seconds, 3), "timings": edit.record["timings"],
                "requests": [{**r.to_dict(), "before": b, "after": a} for r, b, a in zip(requests, before, after)]}
         if "diagnostics" in edit.record:

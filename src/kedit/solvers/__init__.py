@@ -15,18 +15,16 @@ from __future__ import annotations
 
 from kedit.solvers.alphaedit import AlphaEdit
 from kedit.solvers.base import (  # noqa: F401  (the public names of kedit.solvers)
-    PREFERRED_LAM,
+    DEFAULT_LAM,
     SOLVERS,
     Delta,
     LayerProblem,
-    Preferred,
     Solver,
     cache_keys,
     hparam_names,
     make_solver,
     pack_mask,
     register_solver,
-    resolve_defaults,
     solve,
     unpack_mask,
     with_hparams,

@@ -1,4 +1,4 @@
-"""Solver building blocks: Delta, LayerProblem, the Solver protocol, precision helpers, the lam policy and
+"""Solver building blocks: Delta, LayerProblem, the Solver protocol, precision helpers, the default lam and
 the registry functions. The registry itself (``SOLVERS``) is filled in ``kedit.solvers``; the solver modules
 import only this module, so the package has no import cycle.
 """
@@ -45,6 +45,9 @@ class LayerProblem:
     C: torch.Tensor   # [f, f] work dtype: second moment E[k k^T] of background keys
     W: torch.Tensor   # [d, f] current weight (read only, canonical layout)
     state: dict[str, Any] = field(default_factory=dict)  # per-layer solver state of the editor session
+    # [f, n] work dtype: the bare prompt's keys, given when the solver asks (``needs_K_bare``: r-ROME's v* - W k*);
+    # None means K is itself the bare key (a single template), so v* - W K = R
+    K_bare: torch.Tensor | None = None
 
 
 @dataclass
@@ -121,19 +124,11 @@ def cache_keys(state: dict[str, Any], K: torch.Tensor) -> None:
     state["C_cache"] = state["C_cache"] + KKt if "C_cache" in state else KKt
 
 
-class Preferred(float):
-    """A hyperparameter default that defers to the target construction (see ``resolve_defaults``).
-
-    It computes and compares as its float value, the solver's own default when called directly; the
-    editor replaces it by the target construction's preferred value. A plain float set by the user is kept.
-    """
-
-    def __repr__(self) -> str:
-        return f"Preferred({float(self)!r})"
-
-
-# Preservation weight of MEMIT-style solvers unless the target construction prefers another (the papers' value)
-PREFERRED_LAM = Preferred(15000.0)
+# THE default preservation weight (mom2_update_weight) of MEMIT-style solvers: MEMIT, EMMET and, through their
+# MEMIT/EMMET base, PRUNE and RECT; the MEMIT and FE papers' value. The same whatever the target construction
+# (backward spreading hands each layer only part of the residual and may want less: pass ``lam`` explicitly).
+# AlphaEdit has no lam: its regulariser is its own ``L2``.
+DEFAULT_LAM = 15000.0
 
 
 # name -> solver class; filled (one literal dict) by kedit.solvers, which imports every solver module
@@ -179,22 +174,3 @@ def with_hparams(solver: Any, **hparams: Any) -> Any:
         raise ValueError(f"solver {name!r} is not a dataclass: set its hyperparameters when constructing it")
     _check_hparams(solver, name, hparams)
     return dataclasses.replace(solver, **hparams)
-
-
-def resolve_defaults(solver: Any, preferred: Mapping[str, float]) -> Any:
-    """THE preservation-weight policy: every ``Preferred`` default (nested ``base`` solvers too) takes the
-    value in ``preferred`` (the target construction's, ``kedit.targets.preferred_hparams``) or, if absent,
-    its own; values the user set are kept. Names and objects go through here alike (kedit.editor.Editor).
-    """
-    if not dataclasses.is_dataclass(solver) or isinstance(solver, type):
-        return solver
-    changes: dict[str, Any] = {}
-    for f in dataclasses.fields(solver):
-        value = getattr(solver, f.name)
-        if isinstance(value, Preferred):
-            changes[f.name] = float(preferred.get(f.name, value))
-        elif callable(getattr(value, "solve", None)):  # a base solver (PRUNE / RECT)
-            resolved = resolve_defaults(value, preferred)
-            if resolved is not value:
-                changes[f.name] = resolved
-    return dataclasses.replace(solver, **changes) if changes else solver

@@ -15,14 +15,14 @@ from typing import ClassVar
 
 import torch
 
-from kedit.solvers.base import PREFERRED_LAM, Delta, LayerProblem, cache_keys, solve, work
+from kedit.solvers.base import DEFAULT_LAM, Delta, LayerProblem, cache_keys, solve, work
 
 
 @dataclass(frozen=True)
 class EMMET:
     name: ClassVar[str] = "emmet"
     multi_layer: ClassVar[bool] = True
-    lam: float = PREFERRED_LAM  # mom2_update_weight: C' = lam C, as in MEMIT
+    lam: float = DEFAULT_LAM  # mom2_update_weight: C' = lam C, as in MEMIT
     eps: float = 0.1  # emmet_lambda: ridge on K^T C'^-1 K (paper code: 0.1); 0 = exact equality constraints
     # Sequential editing: C' = lam C + C_cache (sum K K^T of earlier batches), the same choice as MEMIT and
     # AlphaEdit here, so earlier edits are preserved like background keys (the EMMET code we read uses

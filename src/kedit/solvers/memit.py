@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kedit.solvers.base import PREFERRED_LAM, Delta, LayerProblem, cache_keys, solve, work
+from kedit.solvers.base import DEFAULT_LAM, Delta, LayerProblem, cache_keys, solve, work
 
 
 @dataclass(frozen=True)
 class MEMIT:
     name: ClassVar[str] = "memit"
     multi_layer: ClassVar[bool] = True
-    lam: float = PREFERRED_LAM  # mom2_update_weight: weight of the preserved keys' second moment (default: targets')
+    lam: float = DEFAULT_LAM  # mom2_update_weight: weight of the preserved keys' second moment (15000)
     sequential_cache: bool = True  # keep C_cache = sum K K^T of earlier batches (sequential editing)
 
     def __post_init__(self) -> None:

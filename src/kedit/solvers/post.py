@@ -33,6 +33,10 @@ class _PostProcess:
         if not callable(getattr(self.base, "solve", None)):
             raise ValueError(f"base must be a solver (with solve()) or a registered name, got {self.base!r}")
 
+    def diagnostics(self, p: LayerProblem) -> dict:
+        """The base solver's per-layer record entries (e.g. AlphaEdit's null_dim), if it has any."""
+        return self.base.diagnostics(p) if hasattr(self.base, "diagnostics") else {}
+
     def update_state(self, state: dict, p: LayerProblem, delta: Delta) -> None:
         if hasattr(self.base, "update_state"):
             self.base.update_state(state, p, delta)
