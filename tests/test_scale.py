@@ -310,7 +310,7 @@ def test_alphaedit_projector_is_cached_on_disk(monkeypatch):
     again = AlphaEdit().solve(_problem()).dense()  # fresh state: the basis comes from disk
     torch.testing.assert_close(again, first, rtol=1e-12, atol=1e-14)
     with pytest.raises(AssertionError, match="eigh recomputed"):
-        AlphaEdit(threshold=0.02).solve(_problem())  # another threshold is another projector
+        AlphaEdit(threshold=0.05).solve(_problem())  # another threshold is another projector (0.02: the default)
 
 
 def test_records_name_dtype_devices_and_versions(tiny_tok):
