@@ -212,3 +212,18 @@ def test_record_and_patch_hold_every_setting(tiny_llama, tiny_tok, tmp_path, met
                                  "sequential_cache": True}
     assert rec["key_weighting"] == "flat" and rec["targets"] == "backward" and rec["layers"] == [1, 2]
     assert rec["edit_layers"] == [1, 2] and rec["anchor"]["steps"] == 4 and rec["templates"] == editor.templates
+
+
+def test_cli_key_weighting_and_rome_numerator_reach_the_editor(tiny_llama, tiny_tok):
+    from kedit.cli import build_parser
+    from kedit.commands._common import make_editor
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["edit", "--layers", "2", "--method", "rome", "--key-weighting", "flat",
+                              "--hparam", "numerator=bare"])
+    editor = make_editor(args, tiny_llama, tiny_tok, verbose=False)
+    assert editor.key_weighting == "flat" and editor.solver == ROME(numerator="bare")
+    default = make_editor(parser.parse_args(["edit", "--layers", "1,2"]), tiny_llama, tiny_tok, verbose=False)
+    assert default.key_weighting == "grouped" and default.solver.lam == 15000.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["edit", "--key-weighting", "mean"])

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     before = snapshot(model, tok, requests)
     unrelated_before = greedy(model, tok, unrelated, 5)
     stats = None
+    # both runs use MEMIT's one default lam (15000): the comparison changes only the target construction
     for targets in ("backward", "forward"):
         editor = Editor(model, tok, method="memit", targets=targets, layers=layers, stats=stats or spec,
                         verbose=True)
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         after = snapshot(model, tok, requests)
         unrelated_after = greedy(model, tok, unrelated, 5)
         ok = sum(starts_with_target(a["generation"], r.target_new) for r, a in zip(requests, after))
-        print(f"\n=== MEMIT, {targets} targets, layers {editor.layers}: {seconds:.1f} s "
+        print(f"\n=== MEMIT (lam {editor.solver.lam:g}), {targets} targets, layers {editor.layers}: {seconds:.1f} s "
               f"({edit.record['timings']['stats']:.1f} s statistics) ===")
         print_table(requests, before, after)
         kept = sum(a == b for a, b in zip(unrelated_before, unrelated_after))
