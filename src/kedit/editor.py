@@ -29,7 +29,7 @@ from kedit.progress import bar
 from kedit.requests import EditRequest, check_batch
 from kedit.solvers import LayerProblem, make_solver, with_hparams, work_dtype
 from kedit.targets import make_targets
-from kedit.templates import KEY_WEIGHTINGS, context_templates, template_weights
+from kedit.templates import check_key_weighting, context_templates, template_weights
 from kedit.tokens import check_limits, pad_id
 
 
@@ -126,9 +126,7 @@ class Editor:
         self.builder = make_targets(targets) if isinstance(targets, str) else targets
         # names and objects alike: hparams applied (checked); the target construction never changes them
         self.solver = make_solver(method, **hparams) if isinstance(method, str) else with_hparams(method, **hparams)
-        if key_weighting not in KEY_WEIGHTINGS:
-            raise ValueError(f"unknown key_weighting {key_weighting!r}; valid: {list(KEY_WEIGHTINGS)}")
-        self.key_weighting = key_weighting
+        self.key_weighting = check_key_weighting(key_weighting)
         multi = getattr(self.solver, "multi_layer", True)
         self.layers = sorted(self.adapter.check_layer(int(x)) for x in (layers or default_layers(
             self.adapter.n_layers, multi)))

@@ -28,14 +28,20 @@ BARE = "{}"  # the bare prompt: the only template without a prefix
 KEY_WEIGHTINGS = ("grouped", "flat")
 
 
+def check_key_weighting(key_weighting: str) -> str:
+    """``key_weighting`` itself if it is one of ``KEY_WEIGHTINGS``, else ValueError listing them."""
+    if key_weighting not in KEY_WEIGHTINGS:
+        raise ValueError(f"unknown key_weighting {key_weighting!r}; valid: {list(KEY_WEIGHTINGS)}")
+    return key_weighting
+
+
 def template_weights(templates: list[str], key_weighting: str = "grouped") -> torch.Tensor:
     """Weight of each template's key in a request's key ``[T]`` float64, summing to 1 (``KEY_WEIGHTINGS``).
 
     Groups follow from the list itself: the bare ``"{}"`` and the prefixed templates; an absent group (e.g. a
     bare-only list) is not counted, so a single template always weighs 1. Raises ValueError for an unknown mode.
     """
-    if key_weighting not in KEY_WEIGHTINGS:
-        raise ValueError(f"unknown key_weighting {key_weighting!r}; valid: {list(KEY_WEIGHTINGS)}")
+    check_key_weighting(key_weighting)
     if not templates:
         raise ValueError("no context templates")
     T = len(templates)

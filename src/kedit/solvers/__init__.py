@@ -3,7 +3,9 @@
 A solver never knows how its targets were built (METHODS §5-6). Each is a frozen dataclass of
 hyperparameters with ``name`` and ``solve(problem) -> Delta``; stateful solvers (sequential
 editing) also implement ``init_state(problem)`` and ``update_state(state, problem, delta)``, and
-their state lives in the editor session, never in a module global.
+their state lives in the editor session, never in a module global. Optional: ``diagnostics(problem) -> dict``
+(per-layer facts the editor records, e.g. AlphaEdit's ``null_dim``) and ``needs_K_bare`` (the editor then
+reads the bare prompt's keys into ``LayerProblem.K_bare``, e.g. for r-ROME's numerator).
 
 Precision and placement: a solve runs where its LayerProblem's tensors are (the editor puts them on
 the edited layer's device) in ``work_dtype`` of that device: fp64 on CPU and CUDA; fp32 on devices
