@@ -170,6 +170,27 @@ def test_causal_trace_seeded_and_batch_independent(tiny_tok):
     assert one.details["noise_std"] == pytest.approx(3 * one.details["embedding_std"])
 
 
+def test_causal_trace_answer_predicted_by_default_dataset_on_request(tiny_tok):
+    model, a = _model("llama", tiny_tok)
+    from kedit.tokens import target_ids
+
+    for r in PROXY:
+        ids = _encode(tiny_tok, model, r).ids
+        with torch.no_grad():
+            argmax = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        assert _encode(tiny_tok, model, r).answer == argmax                      # default: the clean prediction
+        assert _encode(tiny_tok, model, r, "dataset").answer == target_ids(tiny_tok, r.filled, r.target_true)[0]
+    # the random model predicts none of the dataset answers, so the switch changes the traced token
+    assert any(_encode(tiny_tok, model, r).answer != _encode(tiny_tok, model, r, "dataset").answer for r in PROXY)
+    pred = CausalTrace(samples=2).select(model, a, tiny_tok, PROXY)
+    data = CausalTrace(samples=2, answer="dataset").select(model, a, tiny_tok, PROXY)
+    assert pred.details["answer"] == "predicted" and data.details["answer"] == "dataset"
+    assert data.details["answer_matches_dataset"] == 1.0 and pred.details["answer_matches_dataset"] < 1.0
+    assert pred.details["p_clean"] > data.details["p_clean"]  # the argmax is the most probable token
+    with pytest.raises(ValueError, match="answer must be one of"):
+        CausalTrace(answer="gold")
+
+
 # -- errors and registry -------------------------------------------------------------------------------
 @pytest.mark.parametrize("selector", [LGA(), CausalTrace(samples=1), BruteForce()])
 def test_errors_name_the_problem(selector, tiny_tok):
