@@ -486,17 +486,21 @@ def scaling_outputs(out: Path) -> tuple[list[str], dict[str, Any]]:
 
 def plot_scaling(rows: list[dict], kind: str, ds: str, out: Path) -> None:
     """One PNG per metric family vs batch size (log x): backward | forward panels, one line per solver."""
+    import matplotlib.ticker
+
     from kedit.eval.report import _pyplot  # the project's headless pyplot setup
 
     plt = _pyplot()
     solvers = sorted({r["solver"] for r in rows})
+    sizes = sorted({r["n"] for r in rows})
     diag = {"residual_ratio_last": lambda r: (r["diagnostics"] or [{}])[-1].get("residual_ratio"),
             "delta_norm_sum": lambda r: sum(d["delta_norm"] for d in r["diagnostics"]) or None,
             "anchors_s": lambda r: r["seconds"]["anchors_s"], "solve_s": lambda r: r["seconds"]["solve_s"]}
     families = {f: {k: (lambda r, k=k: mean(r["metrics"].get(k))) for k in keys} for f, keys in FAMILIES[kind].items()}
     families["diagnostics"] = diag
     for fam, getters in families.items():
-        fig, axes = plt.subplots(len(getters), 2, figsize=(10, 2.6 * len(getters)), squeeze=False, sharex=True)
+        fig, axes = plt.subplots(len(getters), 2, figsize=(10, 2.6 * len(getters)), squeeze=False, sharex=True,
+                                 sharey="row")  # backward and forward on one scale
         for col, targets in enumerate(("backward", "forward")):
             for i, (name, get) in enumerate(getters.items()):
                 ax = axes[i][col]
@@ -512,11 +516,16 @@ def plot_scaling(rows: list[dict], kind: str, ds: str, out: Path) -> None:
                         ax.plot(*zip(*pts, strict=True), ls="--", color="grey" if base == "onelayer" else "tab:green",
                                 label=f"memit/{base}")
                 ax.set_xscale("log")
-                ax.set(title=f"{targets}: {name}", xlabel="batch size" if i == len(getters) - 1 else None)
+                # ticks at the sizes run, no minor ticks: log-axis tick layout is most of a figure's cost
+                ax.set_xticks(sizes, [str(n) for n in sizes])
+                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+                ax.set_title(f"{targets}: {name}", fontsize=8)
+                ax.tick_params(labelsize=7)
                 if i == 0:
-                    ax.legend(fontsize=7)
+                    ax.legend(fontsize=6)
+            axes[-1][col].set_xlabel("batch size")
         fig.suptitle(f"{ds}: {fam} vs batch size (SmolLM2-135M)", fontsize=9)
-        fig.tight_layout()
+        fig.subplots_adjust(hspace=0.45, wspace=0.2, top=1 - 0.35 / len(getters), bottom=0.25 / len(getters) + 0.05)
         fig.savefig(out / f"scaling-{ds}-{fam}.png", dpi=110)
         plt.close(fig)
 
@@ -566,9 +575,10 @@ def plot_sequential(runs: dict[str, dict], out: Path) -> None:
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker=".", ls="-" if name.endswith("forward") else "--",
                             label=name.replace("_", "/"))
-            ax.set(title=f"{group.replace('_', ' ')}: {key}", xlabel="edits applied")
+            ax.set_title(f"{group.replace('_', ' ')}: {key}", fontsize=8)
+            ax.set_xlabel("edits applied")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
+        fig.subplots_adjust(wspace=0.25, bottom=0.15)
         fig.savefig(out / f"sequential-{fig_name}.png", dpi=110)
         plt.close(fig)
 
@@ -817,11 +827,17 @@ def main(argv: Sequence[str] | None = None, setup: Setup | None = None) -> int:
         from kedit.eval.health import Health
 
         ctx.health = Health(setup.model, setup.tok, open_corpus(setup.paths["health"]), tokens=args.health_tokens)
+    before = _result_stamps(out)
     for mode, fn in (("scaling", run_scaling), ("sequential", run_sequential), ("compare", run_compare)):
         if mode in args.modes and not ctx.stopped:
             fn(ctx)
-    write_outputs(out)
+    if _result_stamps(out) != before or not (out / "README.md").is_file():  # nothing new: outputs stand
+        write_outputs(out)
     return 0
+
+
+def _result_stamps(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "protocol.json"} if out.is_dir() else {}
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def test_protocol_end_to_end_and_resume(tmp_path, files, tiny_tok, monkeypatch):
     assert r["data"]["format"] == "mend" and r["data"]["indices"] == "0..3" and r["n"] == 4
     assert {"efficacy_score", "efficacy_acc", "paraphrase_score", "paraphrase_acc", "neighborhood_score",
             "neighborhood_kl", "top1_overlap", "top5_overlap", "top10_overlap"} <= set(r["metrics"])
+    assert r["metrics"]["neighborhood_kl"]["mean"] > 0  # the edit changed the model (then was undone)
     assert [d["layer"] for d in r["diagnostics"]] == [1, 2] and all("delta_norm" in d for d in r["diagnostics"])
     assert r["seconds"]["anchors_s"] >= 0 and r["seconds"]["solve_s"] > 0
     assert r["machine"]["cores"] and r["command"] and r["editor"]["layers"] == [1, 2]
@@ -109,7 +110,8 @@ def test_protocol_end_to_end_and_resume(tmp_path, files, tiny_tok, monkeypatch):
     cmp_dir = out / "compare" / "counterfact"
     assert {p.name for p in cmp_dir.glob("memit_forward_*.json")} >= {
         "memit_forward_lam5000.json", "memit_forward_lam15000.json", "memit_forward_tuned.json"}
-    assert (cmp_dir / "alphaedit_backward_lam-.json").is_file() and not (cmp_dir / "alphaedit_backward_tuned.json").exists()
+    assert (cmp_dir / "alphaedit_backward_lam-.json").is_file()  # no lam: one row, no tuning
+    assert not (cmp_dir / "alphaedit_backward_tuned.json").exists()
     tuned = json.loads((cmp_dir / "prune_backward_tuned.json").read_text())
     assert tuned["lam"] in (15000, 50000) and tuned["tuned_on"]["indices"] == "4..5"
     assert (cmp_dir / f"prune_backward_lam{tuned['lam']:g}.json").is_file()
@@ -133,10 +135,6 @@ def test_protocol_end_to_end_and_resume(tmp_path, files, tiny_tok, monkeypatch):
     assert mod.main([*ARGS, "--out", str(out)], setup=setup) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name != "protocol.json")
     monkeypatch.undo()
-
-    # --table-only rebuilds the outputs from the JSON alone
-    (out / "README.md").unlink()
-    assert mod.main(["--table-only", "--out", str(out)]) == 0 and (out / "README.md").is_file()
 
 
 def test_sequential_resumes_from_the_last_checkpoint(tmp_path, files, tiny_tok, monkeypatch):
@@ -170,3 +168,10 @@ def test_sequential_resumes_from_the_last_checkpoint(tmp_path, files, tiny_tok, 
         assert a["health"] == pytest.approx(b["health"], rel=1e-5)
     assert {k: v["mean"] for k, v in whole["metrics"].items()} == pytest.approx(
         {k: v["mean"] for k, v in resumed["metrics"].items()}, abs=1e-6)
+
+    # --table-only rebuilds the outputs from the JSON alone
+    for f in ("README.md", "sequential.md", "sequential-forgetting.png"):
+        (part / f).unlink()
+    assert mod.main(["--table-only", "--out", str(part)]) == 0
+    assert all((part / f).is_file() for f in ("README.md", "sequential.md", "sequential-forgetting.png"))
+    assert "alphaedit | forward | - | 2 |" in (part / "README.md").read_text()  # no lam: "-", 2 batches
