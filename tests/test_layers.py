@@ -313,6 +313,13 @@ def test_cli_layers_writes_json_and_figure(tiny_tok, tmp_path):
     assert all(g >= -1e-12 for g in res["test"]["gap"].values()) and set(res["proxy_gap"]) == names
     assert all(res["strategies"][n]["details"]["stability"]["n_proxy"] == 2 for n in ("lga", "causal", "verified"))
     assert (out / "layers.png").stat().st_size > 1000
+    assert res["strategies"]["causal"]["details"]["answer"] == "predicted"  # ROME's default
+    rc = main(["layers", "--model", str(model_dir), "--dataset", f"kedit:{data}", "--proxy", "2", "--strategy",
+               "causal", "--samples", "1", "--bootstrap", "0", "--trace-answer", "dataset", "--no-plots",
+               "--out", str(tmp_path / "out2")])
+    assert rc == 0
+    causal = json.loads((tmp_path / "out2" / "layers.json").read_text())["strategies"]["causal"]["details"]
+    assert causal["answer"] == "dataset" and causal["answer_matches_dataset"] == 1.0
 
 
 def test_auto_layers_cached_per_model_and_method(tiny_tok, monkeypatch):
