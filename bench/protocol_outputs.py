@@ -251,7 +251,7 @@ def write_outputs(out: Path) -> int:
         "prune, rect): does forward beat backward, by how much, at which batch sizes, and is the difference "
         "inside the CIs? -->", "", "_To be written by the lead after the run._", "",
         "## Scaling (one batch edit per size)", "", *(sc or ["Not run yet."]), "",
-        "## Sequential (500 edits, batches of 50)", "", *(sq or ["Not run yet."]), "",
+        "## Sequential editing (state carried across batches)", "", *(sq or ["Not run yet."]), "",
         "## lam grid and tuned lam", "", *(cp or ["Not run yet."]), "",
         "## For reference: the paper", "", PAPER, ""]
     (out / "README.md").write_text("\n".join(readme))

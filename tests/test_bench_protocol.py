@@ -63,7 +63,8 @@ def _setup(mod, files, tiny_tok):
     model = make_tiny("llama", tiny_tok)
     g = torch.Generator().manual_seed(0)
     X = torch.randn(80, 400, generator=g, dtype=torch.float64)
-    stats = {layer: X @ X.T / 400 for layer in (1, 2)}  # [f, f]: a well-conditioned second moment
+    # [f, f]: well conditioned, and small next to lam = 15000 so that the edits move the tiny model
+    stats = {layer: X @ X.T / 400 * 1e-6 for layer in (1, 2)}
     return mod.Setup(model, tiny_tok, stats, dict(files), model_name="tiny-llama")
 
 
