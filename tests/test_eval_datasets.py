@@ -45,6 +45,31 @@ def test_easyedit_record_templates_the_subject(tmp_path):
     assert c.neighborhood == (("Michel Rocard is a native speaker of", "French"),)
 
 
+def test_counterfact_spec_detects_the_mend_format(tmp_path):
+    rec = {**EE, "prompt": "Danielle Darrieux, whose mother tongue as Danielle Darrieux knows, is"}
+    d = load_dataset(f"counterfact:{_write(tmp_path, 'mend.json', [EE, rec])}")
+    assert d.describe()["format"] == "mend" and d.kind == "counterfact"
+    a, b = d.cases
+    assert a.kind == "counterfact" and a.request.prompt == "The mother tongue of {} is"
+    assert (a.request.target_new, a.request.target_true) == ("English", "French")
+    assert a.paraphrases == ("Danielle Darrieux speaks",)                               # one paraphrase
+    assert a.neighborhood == (("Michel Rocard is a native speaker of", "French"),)      # one neighbour
+    assert b.request.prompt == "{}, whose mother tongue as Danielle Darrieux knows, is"  # first occurrence only
+    assert load_dataset(f"counterfact:{_write(tmp_path, 'cf.json', [CF])}").describe()["format"] == "rome"
+    # the neighbour is scored with its ground truth against target_new (NS), as in the ROME format
+    from kedit.eval.results import pairs
+
+    assert (("nb", 0, "ans"), "Michel Rocard is a native speaker of", "French", True) in pairs(a)
+    assert (("nb", 0, "new"), "Michel Rocard is a native speaker of", "English", False) in pairs(a)
+    for drop, field in (("rephrase_prompt", "rephrase_prompt"), ("ground_truth", "ground_truth")):
+        bad = {k: v for k, v in EE.items() if k != drop} if drop != "ground_truth" else {**EE, "ground_truth": 3}
+        path = _write(tmp_path, f"bad-{drop}.json", [EE, bad])
+        with pytest.raises(DatasetFormatError) as e:
+            load_dataset(f"counterfact:{path}")
+        msg = str(e.value)
+        assert "\n" not in msg and f"{path} record 1" in msg and repr(field) in msg, msg
+
+
 def test_zsre_both_conventions_are_explicit(tmp_path):
     path = _write(tmp_path, "z.json", [ZS])
     a = load_dataset(f"zsre:{path}", zsre_target="answers")
@@ -116,3 +141,5 @@ def test_shared_files_load():
     assert len(z.cases) == 50 and all(c.kind == "zsre" for c in z.cases)
     e = load_dataset(f"easyedit:{shared_data('counterfact_mend_format/counterfact-val.json')}", n=3)
     assert e.cases[0].request.target_true
+    m = load_dataset(f"counterfact:{shared_data('counterfact_mend_format/counterfact-edit.json')}", n=1000)
+    assert m.describe()["format"] == "mend" and m.n_records == 10000 and len(m.cases) == 1000

@@ -170,6 +170,27 @@ def test_causal_trace_seeded_and_batch_independent(tiny_tok):
     assert one.details["noise_std"] == pytest.approx(3 * one.details["embedding_std"])
 
 
+def test_causal_trace_answer_predicted_by_default_dataset_on_request(tiny_tok):
+    model, a = _model("llama", tiny_tok)
+    from kedit.tokens import target_ids
+
+    for r in PROXY:
+        ids = _encode(tiny_tok, model, r).ids
+        with torch.no_grad():
+            argmax = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        assert _encode(tiny_tok, model, r).answer == argmax                      # default: the clean prediction
+        assert _encode(tiny_tok, model, r, "dataset").answer == target_ids(tiny_tok, r.filled, r.target_true)[0]
+    # the random model predicts none of the dataset answers, so the switch changes the traced token
+    assert any(_encode(tiny_tok, model, r).answer != _encode(tiny_tok, model, r, "dataset").answer for r in PROXY)
+    pred = CausalTrace(samples=2).select(model, a, tiny_tok, PROXY)
+    data = CausalTrace(samples=2, answer="dataset").select(model, a, tiny_tok, PROXY)
+    assert pred.details["answer"] == "predicted" and data.details["answer"] == "dataset"
+    assert data.details["answer_matches_dataset"] == 1.0 and pred.details["answer_matches_dataset"] < 1.0
+    assert pred.details["p_clean"] > data.details["p_clean"]  # the argmax is the most probable token
+    with pytest.raises(ValueError, match="answer must be one of"):
+        CausalTrace(answer="gold")
+
+
 # -- errors and registry -------------------------------------------------------------------------------
 @pytest.mark.parametrize("selector", [LGA(), CausalTrace(samples=1), BruteForce()])
 def test_errors_name_the_problem(selector, tiny_tok):
@@ -292,6 +313,13 @@ def test_cli_layers_writes_json_and_figure(tiny_tok, tmp_path):
     assert all(g >= -1e-12 for g in res["test"]["gap"].values()) and set(res["proxy_gap"]) == names
     assert all(res["strategies"][n]["details"]["stability"]["n_proxy"] == 2 for n in ("lga", "causal", "verified"))
     assert (out / "layers.png").stat().st_size > 1000
+    assert res["strategies"]["causal"]["details"]["answer"] == "predicted"  # ROME's default
+    rc = main(["layers", "--model", str(model_dir), "--dataset", f"kedit:{data}", "--proxy", "2", "--strategy",
+               "causal", "--samples", "1", "--bootstrap", "0", "--trace-answer", "dataset", "--no-plots",
+               "--out", str(tmp_path / "out2")])
+    assert rc == 0
+    causal = json.loads((tmp_path / "out2" / "layers.json").read_text())["strategies"]["causal"]["details"]
+    assert causal["answer"] == "dataset" and causal["answer_matches_dataset"] == 1.0
 
 
 def test_auto_layers_cached_per_model_and_method(tiny_tok, monkeypatch):

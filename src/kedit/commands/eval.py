@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_editor_args(p, allow_none=True)  # the same editor options as `kedit edit`, plus --method none
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True,
-                   help="KIND:PATH with KIND in counterfact, easyedit, zsre (portability when present), mquake, kedit")
+                   help="KIND:PATH with KIND in counterfact (ROME or MEND format, detected), easyedit, zsre "
+                   "(portability when present), mquake, kedit")
     g.add_argument("--n", type=positive_int, default=None, help="number of records (default: all)")
     g.add_argument("--offset", type=nonneg_int, default=0, help="first record index")
     g.add_argument("--sample-seed", type=nonneg_int, default=None,

@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=positive_float, default=1.0, help="LGA Tukey fence multiplier")
     g.add_argument("--samples", type=positive_int, default=10, help="causal tracing noise samples per prompt")
     g.add_argument("--noise", type=positive_float, default=3.0, help="causal tracing noise, in subject-embedding stds")
+    g.add_argument("--trace-answer", choices=["predicted", "dataset"], default="predicted",
+                   help="causal tracing: trace the clean model's greedy prediction (ROME) or the dataset's "
+                   "target_true (default: predicted)")
     g.add_argument("--lga-variants", default="w_out/sum", help="LGA readings THETA/SCORE, comma-separated, or "
                    "'all' (THETA: w_out, mlp, block; SCORE: sum, cosine, normalised) (default: w_out/sum)")
     g.add_argument("--lga-model-answer", action="store_true", help="LGA: the model's greedy answer as the old "
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                             seed=args.seed, stats=stats, editor_kwargs=editor_kwargs, progress=show,
                             bootstrap=args.bootstrap),
         "causal": CausalTrace(noise=args.noise, samples=args.samples, seed=args.seed, window=window,
-                              layers=tuple(cands), bootstrap=args.bootstrap),
+                              layers=tuple(cands), bootstrap=args.bootstrap, answer=args.trace_answer),
         "verified": Verified(method=args.method, targets=args.targets, window=window, layers=tuple(cands),
                              shortlist=args.shortlist, edits=args.edits, k=args.k, bootstrap=args.bootstrap,
                              seed=args.seed, stats=stats, editor_kwargs=editor_kwargs,
@@ -218,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
             extra = f"  test score {test_s:.3f}" if test_s is not None else ""
             frac = c["details"].get("cost", {}).get("fraction_of_brute_force") if name == "verified" else None
             extra += f"  ~{frac:.2f}x the estimated brute-force time" if frac is not None else ""
+            extra += f"  traced: {c['details']['answer']} answer" if name == "causal" else ""
             print(f"{name:>7}: layers {c['layers']}  ({c['seconds']:.1f}s, "
                   f"{format_stability(c['details'].get('stability'))}){extra}")
         print(f"wrote {out}/layers.json" + ("" if args.no_plots else ", layers.png"))

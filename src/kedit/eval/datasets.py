@@ -2,6 +2,10 @@
 (with EasyEdit ``portability`` when present), MQuAKE (multi-hop, 1-4 rewrites per case), kedit JSONL.
 
 A dataset is named by a spec string ``KIND:PATH`` (``counterfact``, ``easyedit``, ``zsre``, ``mquake``, ``kedit``).
+``counterfact:PATH`` reads either format of CounterFact, told apart by the first selected record and
+recorded as ``format`` in the provenance: ``rome`` (``requested_rewrite``, 2 paraphrases, ~10 neighbours)
+or ``mend`` (the MEND/EasyEdit flat records, e.g. ``counterfact-edit.json`` with 10,000 records: one
+paraphrase, one neighbourhood prompt scored with ``locality_ground_truth`` against ``target_new``).
 The slice (offset, n, seeded sample) is chosen on record indices *before* parsing, so the same
 spec and slice always name the same records; a malformed record raises ``DatasetFormatError``
 naming the file, record index and field, or, with ``allow_skips``, is counted and reported.
@@ -163,10 +167,22 @@ def _easyedit(rec: Any, where: str, **_: Any) -> dict[str, Any]:
     subject = _get(rec, "subject", where)
     prompt = _get(rec, "prompt", where)
     req = EditRequest(prompt=_template(prompt, subject, where, "prompt"), subject=subject,
-                      target_new=_get(rec, "target_new", where), target_true=_get(rec, "ground_truth", where),
+                      target_new=_nonempty(rec, "target_new", where), target_true=_nonempty(rec, "ground_truth", where),
                       case_id=rec.get("case_id"))
-    return dict(request=req, kind="counterfact", paraphrases=(_get(rec, "rephrase_prompt", where),),
-                neighborhood=((_get(rec, "locality_prompt", where), _get(rec, "locality_ground_truth", where)),))
+    return dict(request=req, kind="counterfact", paraphrases=(_nonempty(rec, "rephrase_prompt", where),),
+                neighborhood=((_nonempty(rec, "locality_prompt", where),
+                               _nonempty(rec, "locality_ground_truth", where)),))
+
+
+MEND_FIELDS = ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
+               "locality_ground_truth")
+
+
+def counterfact_format(record: Any) -> str:
+    """``"mend"`` for a flat MEND/EasyEdit record (no ``requested_rewrite``, a ``ground_truth``), else ``"rome"``."""
+    if isinstance(record, dict) and "requested_rewrite" not in record and "ground_truth" in record:
+        return "mend"
+    return "rome"
 
 
 def _zsre(rec: Any, where: str, zsre_target: str = "answers", **_: Any) -> dict[str, Any]:
@@ -259,13 +275,17 @@ def load_dataset(spec: str, n: int | None = None, offset: int = 0, sample_seed: 
     if not isinstance(records, list):
         raise DatasetFormatError(f"{path}: expected a JSON list of records or JSONL")
     indices = select_indices(len(records), n, offset, sample_seed)
+    parse = PARSERS[kind]
+    if kind == "counterfact":  # one format per file, named in the provenance (a stray record errors by field)
+        options["format"] = counterfact_format(records[indices[0]]) if indices else "rome"
+        parse = _easyedit if options["format"] == "mend" else _counterfact
     cases, skipped = [], []
     for i in indices:
         where = f"{path} record {i}"
         try:
             if not isinstance(records[i], dict):
                 raise DatasetFormatError(f"{where}: expected a JSON object, got {type(records[i]).__name__}")
-            fields = PARSERS[kind](records[i], where, zsre_target=zsre_target)
+            fields = parse(records[i], where, zsre_target=zsre_target)
             cases.append(EvalCase(source=str(path), index=i, **fields))
         except (DatasetFormatError, BadRequest) as e:
             msg = str(e) if str(e).startswith(where) else f"{where}: {e}"

@@ -71,7 +71,8 @@ def markdown(summary: dict[str, Any]) -> str:
     cfg, t = summary.get("config", {}), summary.get("timings", {})
     ed = cfg.get("editor", {})
     lines = [f"# kedit eval: {ed.get('method', '?')} / {ed.get('targets', '-')} on "
-             f"{cfg.get('dataset', {}).get('spec', '?')}", "",
+             f"{cfg.get('dataset', {}).get('spec', '?')}"
+             + (f" (format: {cfg['dataset']['format']})" if cfg.get("dataset", {}).get("format") else ""), "",
              f"- model: {cfg.get('model', {}).get('name')}; cases: {summary.get('n_cases')}; "
              f"evaluated: {summary.get('evaluated')}", "",
              "| metric | post-edit [95% CI] | pre-edit [95% CI] | n | convention |", "|---|---|---|---|---|"]

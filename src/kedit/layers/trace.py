@@ -3,8 +3,13 @@
 Per proxy prompt: a clean run; corrupted runs where Gaussian noise is added to the input embeddings
 of every subject token; and, for each candidate layer ``l``, corrupted runs in which the residual
 stream after block ``l`` at the decisive (last subject) token is overwritten by its clean value.
-Indirect effect ``IE(l) = p_restored(l) - p_corrupted`` of the answer's first token, averaged over
+Indirect effect ``IE(l) = p_restored(l) - p_corrupted`` of the traced answer token, averaged over
 noise samples and prompts; the layer (or window) with the largest mean IE is chosen.
+
+The traced token, ``answer``: ``"predicted"`` (default, ROME's choice: the clean model's own greedy next
+token after the prompt) or ``"dataset"`` (the first token of ``" " + target_true``; a request without
+a target_true falls back to the prediction). Tracing the dataset answer measures where a fact the
+model may not hold would be recalled, a different (and noisier) question; the choice is recorded.
 
 Noise level, exactly: ``noise x std`` where ``std`` is the standard deviation of all coordinates of
 the input-embedding vectors of the subject tokens of the proxy prompts (as they are tokenised inside
@@ -41,13 +46,19 @@ class Traced(Encoded):
         return self.decisive
 
 
-def _encode(tok: Any, model: torch.nn.Module, r: EditRequest) -> Traced:
-    """Prompt ids and subject span (kedit.tokens), and the answer token: first token of ``" " + target_true``.
+ANSWERS = ("predicted", "dataset")  # which token is traced (module docstring)
 
-    Without a target_true the clean model's own top prediction is traced (ROME's choice).
+
+def _encode(tok: Any, model: torch.nn.Module, r: EditRequest, answer: str = "predicted") -> Traced:
+    """Prompt ids and subject span (kedit.tokens), and the traced token (``answer``, see ANSWERS).
+
+    ``"predicted"``: the clean model's argmax after the prompt (ROME); ``"dataset"``: the first token of
+    ``" " + target_true``, or the prediction when the request has none.
     """
+    if answer not in ANSWERS:
+        raise ValueError(f"answer must be one of {ANSWERS}, got {answer!r}")
     e = encode_with_subject(tok, r.prompt, r.subject)
-    if r.target_true is not None:
+    if answer == "dataset" and r.target_true is not None:
         answer = target_ids(tok, r.filled, r.target_true)[0]
     else:
         with torch.no_grad():
@@ -141,6 +152,13 @@ def indirect_effects(model: torch.nn.Module, adapter: ArchitectureAdapter, encs:
     return {k: torch.cat([p[j] for p in parts]) for j, k in enumerate(("p_clean", "p_corrupted", "p_restored"))}
 
 
+def _agreement(tok: Any, encs: Sequence[Traced], proxy: Sequence[EditRequest]) -> float | None:
+    """Fraction of traced tokens equal to the first token of ``" " + target_true`` (None without any)."""
+    pairs = [(e.answer, target_ids(tok, r.filled, r.target_true)[0]) for e, r in zip(encs, proxy, strict=True)
+             if r.target_true is not None]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+
+
 @dataclass(frozen=True)
 class CausalTrace:
     """Choose the layer (or window) whose clean hidden state at the decisive token restores most."""
@@ -153,8 +171,11 @@ class CausalTrace:
     layers: tuple[int, ...] | None = None   # candidate layers; None = every layer
     batch_size: int = 8                     # prompts per forward pass (x samples rows)
     bootstrap: int = 200                    # resamples of the proxy set for the stability report (0 = off)
+    answer: str = "predicted"               # traced token: the clean greedy prediction (ROME) or "dataset"
 
     def __post_init__(self) -> None:
+        if self.answer not in ANSWERS:
+            raise ValueError(f"CausalTrace.answer must be one of {ANSWERS}, got {self.answer!r}")
         if not self.noise >= 0:
             raise ValueError(f"CausalTrace.noise must be >= 0, got {self.noise}")
         if self.bootstrap < 0:
@@ -173,7 +194,7 @@ class CausalTrace:
         was_training = model.training
         model.eval()
         try:
-            encs = [_encode(tok, model, r) for r in proxy]
+            encs = [_encode(tok, model, r, self.answer) for r in proxy]
             emb_std = subject_embedding_std(model, encs)
             res = indirect_effects(model, adapter, encs, cands, self.noise * emb_std, self.samples, self.seed,
                                    pad_id(tok), self.batch_size)
@@ -188,7 +209,10 @@ class CausalTrace:
             "noise": self.noise, "embedding_std": emb_std, "noise_std": self.noise * emb_std,
             "samples": self.samples, "seed": self.seed, "window": self.window, "n_proxy": len(proxy),
             "window_score": "sum of layer scores", "stability": stability,
-            "site": "residual stream after block l, decisive token", "answer": "first token of ' ' + target_true",
+            "site": "residual stream after block l, decisive token", "answer": self.answer,
+            "answer_rule": ("the clean model's greedy next token" if self.answer == "predicted"
+                            else "first token of ' ' + target_true (the prediction where absent)"),
+            "answer_matches_dataset": _agreement(tok, encs, proxy),
             "p_clean": res["p_clean"].mean().item(), "p_corrupted": res["p_corrupted"].mean().item(),
             "total_effect": (res["p_clean"] - res["p_corrupted"]).mean().item(),
             "per_request": ie.tolist(),

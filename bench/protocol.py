@@ -1,0 +1,583 @@
+"""Benchmark driver of issue 11: the forward-replay claim, unconfounded (scaling, sequential, lam grid).
+
+    flock /tmp/kedit-heavy.lock .venv/bin/python -u bench/protocol.py [--modes scaling,sequential,compare]
+    .venv/bin/python bench/protocol.py --table-only          # tables, plots and README from the JSON rows
+
+SmolLM2-135M, the editor's default layers (4-8), second moments over wikitext-2 (test split). Modes:
+  * scaling: one batch edit per (size, solver, targets), evaluated after it, model restored in between.
+    CounterFact in the MEND format (counterfact-edit.json, first N records, so the sets are nested) at
+    10, 100, 1000; zsRE at 10, 100, 500 under both target conventions (answers[0] = ROME/MEMIT, alt =
+    EasyEdit). memit, alphaedit, emmet x {backward, forward}, plus memit x {onelayer, blue}.
+  * sequential: the 500 ROME-format CounterFact records in batches of 50, memit, alphaedit, prune, rect x
+    {backward, forward}, solver state carried by one Editor. After every batch: the first batch's
+    efficacy again (forgetting), the current batch's, model health (perplexity on wikitext-2 valid, first
+    20k tokens; top-1 agreement and KL on kedit's unrelated prompts); after the last: all 500 evaluated.
+    An atomic checkpoint after each batch (edited W_out, solver state, per-batch metrics) lets a killed
+    run continue from the last finished batch.
+  * compare: every solver x {backward, forward} at each lam of a grid on the first --compare-n records,
+    plus a "tuned" row per (solver, construction) whose lam maximises S on a disjoint proxy set (the last
+    --proxy-n records of the file, never in the reported slice).
+Every row states its solver's lam, passed explicitly (the same for every construction; solvers without
+a preservation weight say "-"). Anchors do not depend on the solver or lam: editors share one anchor
+cache (ANCHOR_CACHE), so each construction optimises once per request set and layer.
+Finished rows are kept (delete a JSON to redo it); --minutes stops cleanly before the budget and a
+second call continues. Every JSON records the machine, command, versions, data slice and hyperparameters.
+Results: bench/results/protocol/{scaling,sequential,compare}/, tables *.md, plots *.png, README.md
+(written by bench/protocol_outputs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import CORPUS, DATA, RESULTS, machine, require_data  # bench/common.py
+from protocol_outputs import COLUMNS, EXTRA_TARGETS, fmt_lam, write_json, write_outputs
+
+OUT = RESULTS / "protocol"
+PATHS = {"counterfact": DATA / "counterfact_mend_format" / "counterfact-edit.json",  # 10,000 records, MEND format
+         "sequential": DATA / "counterfact_subset500.json",                           # 500 records, ROME format
+         "zsre": DATA / "zsre_mend_eval_portability_gpt4.json",
+         "health": DATA / "wikitext-2-raw" / "wiki.valid.raw"}
+SOLVERS = {"scaling": ("memit", "alphaedit", "emmet"), "sequential": ("memit", "alphaedit", "prune", "rect"),
+           "compare": ("memit", "alphaedit", "emmet", "prune", "rect")}
+ZSRE_CONVENTIONS = {"zsre-answers": "answers", "zsre-alt": "alt"}  # answers[0] = ROME/MEMIT, alt = EasyEdit
+# default rates (SmolLM2-135M, 2 CPU cores) for the cost estimate until finished rows give measured ones
+DEFAULT_RATES = {"anchor_s_per_request": 1.0, "eval_s_per_record": 0.05, "solve_s_per_layer": 2.0,
+                 "health_s": 20.0}
+
+
+def ANCHOR_CACHE(out: Path) -> dict | Path:  # noqa: N802  (the one place that decides the cache kind)
+    """The anchor cache every editor shares: a dict today; ``out / "anchors"`` once Editor takes a directory."""
+    return {}
+
+
+def kind_of(ds: str) -> str:
+    return "zsre" if ds.startswith("zsre") else "counterfact"
+
+
+# -- setup ---------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """What a run edits and reads: model, tokenizer, statistics (StatsSpec or ``{layer: C}``) and data files."""
+
+    model: Any
+    tok: Any
+    stats: Any
+    paths: dict[str, Path]
+    model_name: str = "smollm2-135m"
+
+
+@dataclass
+class Ctx:
+    """Per-invocation state: args, setup, shared anchor cache, loaded datasets, evaluators, the deadline."""
+
+    args: argparse.Namespace
+    setup: Setup
+    out: Path
+    anchor_cache: Any
+    deadline: float
+    rates: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+    data: dict[tuple, Any] = field(default_factory=dict)
+    evaluators: dict[str, Any] = field(default_factory=dict)
+    health: Any = None
+    stopped: bool = False
+
+    def dataset(self, ds: str, n: int | None = None, offset: int = 0):
+        """The loaded slice ``[offset, offset+n)`` of dataset ``ds`` (counterfact, zsre-*, sequential)."""
+        from kedit.eval import load_dataset
+
+        key = (ds, n, offset)
+        if key not in self.data:
+            path = self.setup.paths["zsre" if ds.startswith("zsre") else ds]
+            spec = f"{'zsre' if ds.startswith('zsre') else 'counterfact'}:{path}"
+            self.data[key] = load_dataset(spec, n=n, offset=offset, zsre_target=ZSRE_CONVENTIONS.get(ds))
+        return self.data[key]
+
+    def evaluator(self, ds: str):
+        from kedit.eval import Evaluator
+
+        if ds not in self.evaluators:  # one per dataset: its pre-edit pass is reused by consecutive runs
+            self.evaluators[ds] = Evaluator(self.setup.model, self.setup.tok, seed=0, progress=not self.args.quiet)
+        return self.evaluators[ds]
+
+    def provenance(self) -> dict[str, Any]:
+        return {"machine": self.info, "command": " ".join(sys.argv), "model": self.setup.model_name,
+                "stats": "user-supplied matrices" if isinstance(self.setup.stats, dict) else str(self.setup.stats)}
+
+    def time_left(self, need_s: float = 0.0) -> bool:
+        """False (and a note, once) when a unit estimated at ``need_s`` would end after the deadline."""
+        if time.time() + need_s <= self.deadline:
+            return True
+        if not self.stopped:
+            print(f"[protocol] --minutes {self.args.minutes} would be exceeded; stopping cleanly, run again "
+                  "to continue", file=sys.stderr, flush=True)
+        self.stopped = True
+        return False
+
+
+def lam_kwargs(solver: str, lam: float | None) -> dict[str, Any]:
+    """Editor keyword arguments that set ``solver``'s preservation weight (its own, or its base's for
+    PRUNE/RECT); {} for a solver without one (AlphaEdit) or ``lam=None``."""
+    from kedit.solvers import SOLVERS, hparam_names
+
+    cls = SOLVERS[solver]
+    if lam is None:
+        return {}
+    if "lam" in hparam_names(cls):
+        return {"lam": float(lam)}
+    if "base" in hparam_names(cls):
+        base = cls().base
+        if "lam" in hparam_names(base):
+            return {"base": {"name": base.name, "lam": float(lam)}}
+    return {}
+
+
+def has_lam(solver: str) -> bool:
+    return bool(lam_kwargs(solver, 1.0))
+
+
+def solver_lam(cfg: dict[str, Any]) -> float | None:
+    """The lam an editor config used (``solver.lam`` or ``solver.base.lam``), None if the solver has none."""
+    hp = cfg.get("solver", {})
+    lam = hp.get("lam")
+    if lam is None and isinstance(hp.get("base"), dict):
+        lam = hp["base"].get("lam")
+    return lam
+
+
+def make_editor(ctx: Ctx, solver: str, targets: str, lam: float | None):
+    from kedit.editor import Editor
+
+    return Editor(ctx.setup.model, ctx.setup.tok, method=solver, targets=targets, layers=ctx.args.layers,
+                  stats=ctx.setup.stats, seed=0, diagnostics=True, verbose=not ctx.args.quiet,
+                  anchor_cache=ctx.anchor_cache, **lam_kwargs(solver, lam))
+
+
+class Recording:
+    """An Editor that keeps every applied edit's record (diagnostics, anchor/solve seconds)."""
+
+    def __init__(self, editor):
+        self.editor, self.records = editor, []
+
+    def apply(self, requests):
+        edit = self.editor.apply(requests)
+        self.records.append(edit.record)
+        return edit
+
+    def __getattr__(self, name):
+        return getattr(self.editor, name)
+
+
+def edit_seconds(record: dict[str, Any]) -> dict[str, Any]:
+    """Anchor optimisation vs solve (keys + solve + apply + diagnostics) seconds of one edit record."""
+    t = record["timings"]
+    return {"anchors_s": t["optimize"], "solve_s": t["solve"], "stats_s": t["stats"], "total_s": t.get("total"),
+            "anchors_reused": any(a.get("reused") for a in record.get("anchors", []))}
+
+
+def slim_summary(summary: dict[str, Any], kind: str) -> dict[str, Any]:
+    return {k: summary[k] for _, k in COLUMNS[kind] if k in summary}
+
+
+def tuning_score(metrics: dict[str, Any], kind: str) -> float | None:
+    """The score a lam is tuned on: S (CounterFact) or the harmonic mean of the zsRE search metrics."""
+    from kedit.eval import metrics as M
+
+    if kind == "counterfact":
+        return (metrics.get("score") or {}).get("mean")
+    vals = [(metrics.get(k) or {}).get("mean") for k in M.score_keys("zsre")]
+    return None if any(v is None for v in vals) else M.harmonic_mean(vals)
+
+
+def describe_data(data, n: int) -> dict[str, Any]:
+    d = data.describe()
+    return {**{k: v for k, v in d.items() if k not in ("indices", "skipped")}, "n": n,
+            "indices": f"{d['indices'][0]}..{d['indices'][-1]}" if d["indices"] else ""}
+
+
+# -- one batch edit, evaluated, restored -----------------------------------------------------------------
+def batch_row(ctx: Ctx, ds: str, data, cases: list, solver: str, targets: str, lam: float | None,
+              extra: dict[str, Any]) -> dict[str, Any]:
+    """Edit ``cases`` in one batch, evaluate, undo (the harness restores the model); the row's JSON."""
+    kind = kind_of(ds)
+    rec = Recording(make_editor(ctx, solver, targets, lam))
+    t0 = time.perf_counter()
+    rep = ctx.evaluator(ds).run(cases, rec, mode="batch")
+    record = rec.records[-1]
+    cfg = rec.editor.config()
+    return {**extra, "dataset": ds, "kind": kind, "n": len(cases), "solver": solver, "targets": targets,
+            "lam": solver_lam(cfg), "metrics": slim_summary(rep.summary, kind), "evaluated": rep.evaluated,
+            "diagnostics": record.get("diagnostics", []), "anchors": record.get("anchors", []),
+            "seconds": {**edit_seconds(record), "edit_s": rep.timings["edit_s"],
+                        "pre_eval_s": rep.timings["pre_eval_s"], "post_eval_s": rep.timings["post_eval_s"],
+                        "wall_s": time.perf_counter() - t0},
+            "data": describe_data(data, len(cases)),
+            "editor": {k: v for k, v in cfg.items() if k != "templates"}, "templates": cfg["templates"],
+            **ctx.provenance()}
+
+
+def estimate_edit(ctx: Ctx, n: int, targets: str, anchors_cached: bool) -> float:
+    """Seconds one batch edit of ``n`` records plus its evaluation should take (ctx.rates)."""
+    r = ctx.rates
+    layers = len(ctx.args.layers) if ctx.args.layers else 5
+    anchor = 0.0 if anchors_cached else n * r["anchor_s_per_request"] * (2 if targets == "blue" else 1)
+    return anchor + layers * r["solve_s_per_layer"] + 2 * n * r["eval_s_per_record"]
+
+
+# -- scaling ------------------------------------------------------------------------------------------------
+def scaling_units(args: argparse.Namespace) -> list[tuple[str, int, str, str]]:
+    """(dataset, size, solver, targets); sizes ascending, all solvers of one size together (shared anchors)."""
+    units = []
+    for ds in expand_datasets(args.datasets):
+        sizes = args.zsre_sizes if ds.startswith("zsre") else args.sizes
+        for size in sizes:
+            for solver in solvers_for(args, "scaling"):
+                units += [(ds, size, solver, t) for t in targets_for(args) if t in ("backward", "forward")]
+            if "memit" in solvers_for(args, "scaling"):
+                units += [(ds, size, "memit", t) for t in EXTRA_TARGETS if t in targets_for(args)]
+    return units
+
+
+def run_scaling(ctx: Ctx) -> None:
+    seen: set[tuple] = set()
+    for ds, size, solver, targets in scaling_units(ctx.args):
+        path = ctx.out / "scaling" / ds / f"n{size}_{solver}_{targets}.json"
+        anchor_key = (ds, size, "last" if targets in ("backward", "onelayer") else targets)
+        if path.is_file():
+            continue
+        if not ctx.time_left(estimate_edit(ctx, size, targets, anchor_key in seen)):
+            return
+        data = ctx.dataset(ds, n=size)
+        log(ctx, f"scaling {ds} n={size} {solver}/{targets}")
+        row = batch_row(ctx, ds, data, data.cases, solver, targets, ctx.args.lam,
+                        {"mode": "scaling", "nested": "first N records of the file (sets nested across sizes)"})
+        write_json(path, row)
+        seen.add(anchor_key)
+
+
+# -- sequential ------------------------------------------------------------------------------------------------
+def _means(summary: dict[str, Any], keys: Sequence[str]) -> dict[str, float | None]:
+    return {k: (summary.get(k) or {}).get("mean") for k in keys}
+
+
+def _evaluate(ev, cases: list, pre: list, idx: Sequence[int]) -> dict[str, Any]:
+    """Summary of the cases ``idx`` on the model as it is now, against their pre-edit snapshots."""
+    from kedit.eval.results import case_metrics, summarize
+
+    snaps = ev.measure([cases[i] for i in idx])
+    recs = [{"pre": case_metrics(cases[i], pre[i], pre[i], None), "post": case_metrics(cases[i], s, pre[i], None)}
+            for i, s in zip(idx, snaps, strict=True)]
+    return summarize(recs, ev.seed, ev.n_boot)
+
+
+def run_sequential(ctx: Ctx) -> None:
+    import torch
+
+    from kedit.io import atomic_write
+
+    args = ctx.args
+    units = [(s, t) for s in solvers_for(args, "sequential") for t in targets_for(args) if t in ("backward", "forward")]
+    if not units or "counterfact" not in expand_datasets(args.datasets):
+        return
+    data = ctx.dataset("sequential", n=args.seq_n)
+    cases = data.cases
+    batches = [list(range(s, min(s + args.seq_batch, len(cases)))) for s in range(0, len(cases), args.seq_batch)]
+    ev, pre, health_before, base_fp = ctx.evaluator("sequential"), None, None, None
+    keys = [k for _, k in COLUMNS["counterfact"]]
+    for solver, targets in units:
+        d = ctx.out / "sequential" / f"{solver}_{targets}"
+        if (d / "result.json").is_file():
+            continue
+        if not ctx.time_left(estimate_edit(ctx, args.seq_batch, targets, False) + ctx.rates["health_s"]):
+            return
+        from kedit.models import model_fingerprint
+
+        if pre is None:  # the unedited model's snapshots and health, once per invocation
+            base_fp = model_fingerprint(ctx.setup.model)
+            pre = ev.measure(cases)
+            health_before = ctx.health.measure()
+        editor = make_editor(ctx, solver, targets, args.lam)
+        ad = editor.adapter
+        originals = {l: ad.w_out_storage(l).detach().clone() for l in editor.layers}
+        ckpt_path = d / "checkpoint.pt"
+        ckpt = {"batches": [], "w_out": {}, "state": None}
+        if ckpt_path.is_file():  # resume: the edited weights and the solver state after the last finished batch
+            # our own file (written below), holding dicts of tensors and numbers only
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            with torch.no_grad():
+                for l, w in ckpt["w_out"].items():
+                    ad.w_out_storage(l).copy_(w.to(ad.w_out_storage(l).device))
+            editor.state = ckpt["state"]
+            log(ctx, f"sequential {solver}/{targets}: resuming after batch {len(ckpt['batches'])}")
+        edits = []
+        try:
+            for b in range(len(ckpt["batches"]), len(batches)):
+                if edits and not ctx.time_left(estimate_edit(ctx, args.seq_batch, targets, False)
+                                               + ctx.rates["health_s"]):
+                    return  # the checkpoint of batch b holds everything; the next call continues there
+                log(ctx, f"sequential {solver}/{targets} batch {b + 1}/{len(batches)}")
+                t0 = time.perf_counter()
+                edit = editor.apply([cases[i].request for i in batches[b]])
+                edits.append(edit)
+                t_edit = time.perf_counter() - t0
+                first = _evaluate(ev, cases, pre, batches[0])
+                current = _evaluate(ev, cases, pre, batches[b])
+                health = ctx.health.compare(health_before, ctx.health.measure(), 0, 1)
+                ckpt["batches"].append({
+                    "after_batch": b + 1, "n_edited": batches[b][-1] + 1,
+                    "first_batch": _means(first, keys), "current_batch": _means(current, keys),
+                    "health": {k: a.mean for k, a in health.items()}, "diagnostics": edit.record.get("diagnostics", []),
+                    "seconds": {**edit_seconds(edit.record), "edit_s": t_edit,
+                                "eval_and_health_s": time.perf_counter() - t0 - t_edit}})
+                ckpt["w_out"] = {l: ad.w_out_storage(l).detach().cpu().clone() for l in editor.layers}
+                ckpt["state"] = editor.state
+                atomic_write(ckpt_path, lambda tmp, c=ckpt: torch.save(c, tmp))
+                write_json(d / "progress.json", ckpt["batches"])  # a readable mirror of the checkpoint
+            final = _evaluate(ev, cases, pre, range(len(cases)))
+            cfg = editor.config()
+            write_json(d / "result.json", {
+                "mode": "sequential", "dataset": "counterfact", "kind": "counterfact", "solver": solver,
+                "targets": targets, "lam": solver_lam(cfg), "n": len(cases), "batch_size": args.seq_batch,
+                "evaluated": f"all {len(cases)} records after the last of {len(batches)} batches (state carried); "
+                             "first/current batch and health after every batch",
+                "metrics": slim_summary(final, "counterfact"), "batches": ckpt["batches"],
+                "data": describe_data(data, len(cases)), "health": ctx.health.describe(),
+                "editor": {k: v for k, v in cfg.items() if k != "templates"}, **ctx.provenance()})
+        finally:  # newest first, then the originals (a resumed run's earlier batches were written raw)
+            for e in reversed(edits):
+                e.undo()
+            with torch.no_grad():
+                for l, w in originals.items():
+                    ad.w_out_storage(l).copy_(w)
+            editor.reset()
+            if model_fingerprint(ctx.setup.model) != base_fp:
+                raise RuntimeError("sequential run did not restore the model")  # invariant, never user input
+
+
+# -- compare: lam grid and tuned lam ---------------------------------------------------------------------------
+def compare_units(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    return [(ds, s, t) for ds in expand_datasets(args.datasets) for s in solvers_for(args, "compare")
+            for t in targets_for(args) if t in ("backward", "forward")]
+
+
+def run_compare(ctx: Ctx) -> None:
+    args = ctx.args
+    for ds, solver, targets in compare_units(args):
+        kind, base = kind_of(ds), ctx.out / "compare" / ds
+        grid = args.lam_grid if has_lam(solver) else [None]
+        report = ctx.dataset(ds, n=args.compare_n)
+        for lam in grid:  # the reported slice at every lam of the grid
+            path = base / f"{solver}_{targets}_lam{fmt_lam(lam)}.json"
+            if path.is_file():
+                continue
+            if not ctx.time_left(estimate_edit(ctx, args.compare_n, targets, True)):
+                return
+            log(ctx, f"compare {ds} {solver}/{targets} lam {fmt_lam(lam)}")
+            write_json(path, batch_row(ctx, ds, report, report.cases, solver, targets, lam, {"mode": "compare"}))
+        if not has_lam(solver):
+            continue
+        tuned_path = base / f"{solver}_{targets}_tuned.json"
+        if tuned_path.is_file():
+            continue
+        total = report.n_records
+        if total < args.compare_n + args.proxy_n:
+            raise SystemExit(f"protocol.py: {ds} has {total} records: too few for --compare-n {args.compare_n} "
+                             f"plus a disjoint proxy set of --proxy-n {args.proxy_n}")
+        proxy = ctx.dataset(ds, n=args.proxy_n, offset=total - args.proxy_n)  # the file's last records
+        assert not set(proxy.indices) & set(report.indices)  # disjoint by construction
+        scores = {}
+        for lam in args.tune_grid:
+            path = base / "proxy" / f"{solver}_{targets}_lam{fmt_lam(lam)}.json"
+            if not path.is_file():
+                if not ctx.time_left(estimate_edit(ctx, args.proxy_n, targets, True)):
+                    return
+                log(ctx, f"compare {ds} {solver}/{targets} proxy lam {fmt_lam(lam)}")
+                write_json(path, batch_row(ctx, ds, proxy, proxy.cases, solver, targets, lam,
+                                           {"mode": "compare-proxy"}))
+            scores[lam] = tuning_score(json.loads(path.read_text())["metrics"], kind)
+        valid = {lam: s for lam, s in scores.items() if s is not None}
+        best = max(valid, key=lambda lam: (valid[lam], -lam)) if valid else args.lam  # ties: the smaller lam
+        row_path = base / f"{solver}_{targets}_lam{fmt_lam(best)}.json"
+        if not row_path.is_file():  # a tuned lam outside the reported grid: one more reported-slice run
+            if not ctx.time_left(estimate_edit(ctx, args.compare_n, targets, True)):
+                return
+            write_json(row_path, batch_row(ctx, ds, report, report.cases, solver, targets, best, {"mode": "compare"}))
+        write_json(tuned_path, {"mode": "compare-tuned", "dataset": ds, "solver": solver, "targets": targets,
+                                "lam": best, "tuned_on": describe_data(proxy, args.proxy_n),
+                                "score": "S (harmonic mean of ES, PS, NS)" if kind == "counterfact" else
+                                "harmonic mean of zsRE efficacy/generalisation token acc and specificity agreement",
+                                "proxy_scores": {fmt_lam(k): v for k, v in scores.items()},
+                                "row": row_path.name, **ctx.provenance()})
+
+
+# -- outputs -------------------------------------------------------------------------------------------------
+# -- plan, estimate, main -------------------------------------------------------------------------------------
+def expand_datasets(text: str) -> list[str]:
+    out = []
+    for ds in text.split(","):
+        out += list(ZSRE_CONVENTIONS) if ds == "zsre" else [ds]
+    return out
+
+
+def solvers_for(args: argparse.Namespace, mode: str) -> list[str]:
+    return [s for s in SOLVERS[mode] if s in args.solvers] if args.solvers else list(SOLVERS[mode])
+
+
+def targets_for(args: argparse.Namespace) -> list[str]:
+    return list(args.targets)
+
+
+def measured_rates(out: Path) -> tuple[dict[str, float], str]:
+    """Rates from finished rows (medians), else DEFAULT_RATES; and where they came from."""
+    import statistics
+
+    anchor, evals, solve = [], [], []
+    for p in out.glob("*/*/*.json"):
+        try:
+            r = json.loads(p.read_text())
+        except ValueError:
+            continue
+        if not isinstance(r, dict):  # progress.json mirrors are lists
+            continue
+        s, n = r.get("seconds"), r.get("n")
+        if not s or not n:
+            continue
+        if not s.get("anchors_reused") and s.get("anchors_s"):
+            anchor.append(s["anchors_s"] / n / (2 if r.get("targets") == "blue" else 1))
+        evals.append((s["pre_eval_s"] + s["post_eval_s"]) / (2 * n))
+        solve.append(s["solve_s"] / max(1, len(r.get("diagnostics") or [1])))
+    if not evals:
+        return dict(DEFAULT_RATES), "default guesses for SmolLM2-135M on 2 CPU cores"
+    rates = dict(DEFAULT_RATES)
+    rates.update(eval_s_per_record=statistics.median(evals), solve_s_per_layer=statistics.median(solve))
+    if anchor:
+        rates["anchor_s_per_request"] = statistics.median(anchor)
+    return rates, f"measured on {len(evals)} finished rows"
+
+
+def estimate(ctx: Ctx) -> dict[str, Any]:
+    """Seconds of the work still to do, per mode (from ctx.rates), printed before anything runs."""
+    a, est = ctx.args, {}
+    if "scaling" in a.modes:
+        seen, total, n = set(), 0.0, 0
+        for ds, size, solver, targets in scaling_units(a):
+            key = (ds, size, "last" if targets in ("backward", "onelayer") else targets)
+            if not (ctx.out / "scaling" / ds / f"n{size}_{solver}_{targets}.json").is_file():
+                total += estimate_edit(ctx, size, targets, key in seen)
+                n += 1
+            seen.add(key)
+        est["scaling"] = (n, total)
+    if "sequential" in a.modes:
+        units = [(s, t) for s in solvers_for(a, "sequential") for t in targets_for(a) if t in ("backward", "forward")]
+        todo = [u for u in units if not (ctx.out / "sequential" / "_".join(u) / "result.json").is_file()]
+        batches = -(-a.seq_n // a.seq_batch)
+        rate = ctx.rates["eval_s_per_record"]
+        per = batches * (estimate_edit(ctx, a.seq_batch, "forward", False) + ctx.rates["health_s"]
+                         + 2 * a.seq_batch * rate) + 2 * a.seq_n * rate
+        est["sequential"] = (len(todo), len(todo) * per)
+    if "compare" in a.modes:
+        n, total = 0, 0.0
+        for ds, solver, targets in compare_units(a):
+            runs = len(a.lam_grid) if has_lam(solver) else 1
+            proxy = len(a.tune_grid) if has_lam(solver) else 0
+            done = len(list((ctx.out / "compare" / ds).glob(f"{solver}_{targets}_*.json")))
+            if done < runs + (1 if proxy else 0):
+                n += runs + proxy
+                total += runs * estimate_edit(ctx, a.compare_n, targets, True) + proxy * estimate_edit(
+                    ctx, a.proxy_n, targets, True)
+        est["compare"] = (n, total)
+    return est
+
+
+def log(ctx: Ctx, msg: str) -> None:
+    if not ctx.args.quiet:
+        print(f"[protocol] {msg}", file=sys.stderr, flush=True)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--modes", default="scaling,sequential,compare", type=lambda s: s.split(","))
+    p.add_argument("--datasets", default="counterfact,zsre", help="counterfact, zsre (= zsre-answers,zsre-alt)")
+    p.add_argument("--sizes", type=ints, default=[10, 100, 1000], help="CounterFact batch sizes (scaling)")
+    p.add_argument("--zsre-sizes", type=ints, default=[10, 100, 500], help="zsRE batch sizes (scaling)")
+    p.add_argument("--solvers", type=lambda s: s.split(","), default=None, help="restrict every mode's solvers")
+    p.add_argument("--targets", type=lambda s: s.split(","), default=["backward", "forward", *EXTRA_TARGETS])
+    p.add_argument("--layers", type=ints, default=None, help="edited layers (default: the editor's, 4-8)")
+    p.add_argument("--lam", type=float, default=15000.0, help="lam of scaling and sequential rows, every solver")
+    p.add_argument("--seq-n", type=int, default=500)
+    p.add_argument("--seq-batch", type=int, default=50)
+    p.add_argument("--health-tokens", type=int, default=20000)
+    p.add_argument("--lam-grid", type=floats, default=[5000.0, 15000.0])
+    p.add_argument("--tune-grid", type=floats, default=[1000.0, 5000.0, 15000.0, 50000.0])
+    p.add_argument("--compare-n", type=int, default=200, help="reported records of the lam comparison")
+    p.add_argument("--proxy-n", type=int, default=50, help="proxy records that tune lam (the file's last ones)")
+    p.add_argument("--minutes", type=float, default=600.0, help="start no unit that would end after this")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def default_setup(args: argparse.Namespace) -> Setup:
+    require_data(CORPUS, *PATHS.values())
+    from kedit.models import load_model
+    from kedit.stats import StatsSpec
+
+    model, tok = load_model("smollm2-135m")
+    return Setup(model, tok, StatsSpec(corpus=str(CORPUS)), dict(PATHS))
+
+
+def main(argv: Sequence[str] | None = None, setup: Setup | None = None) -> int:
+    """Run the asked modes (skipping finished work), then write the outputs; ``setup`` replaces SmolLM2."""
+    args = parser().parse_args(argv)
+    out = args.out
+    if args.table_only:
+        return write_outputs(out)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup = setup or default_setup(args)
+    rates, source = measured_rates(out)
+    ctx = Ctx(args, setup, out, ANCHOR_CACHE(out), time.time() + 60 * args.minutes, rates, machine())
+    est = estimate(ctx)
+    print("[protocol] cost estimate (" + source + "): " + "; ".join(
+        f"{mode} {n} runs ~{s / 60:.1f} min" for mode, (n, s) in est.items())
+        + f"; total ~{sum(s for _, s in est.values()) / 60:.1f} min", file=sys.stderr, flush=True)
+    if "sequential" in args.modes:
+        from kedit.corpus import open_corpus
+        from kedit.eval.health import Health
+
+        ctx.health = Health(setup.model, setup.tok, open_corpus(setup.paths["health"]), tokens=args.health_tokens)
+    before = _result_stamps(out)
+    for mode, fn in (("scaling", run_scaling), ("sequential", run_sequential), ("compare", run_compare)):
+        if mode in args.modes and not ctx.stopped:
+            fn(ctx)
+    if _result_stamps(out) != before or not (out / "README.md").is_file():  # nothing new: outputs stand
+        write_outputs(out)
+    return 0
+
+
+def _result_stamps(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "protocol.json"} if out.is_dir() else {}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
