@@ -14,6 +14,11 @@ On SmolLM2-135M with the first ``--n`` CounterFact records of ../shared/data/cou
    counted pass by pass (checked against torch's FlopCounterMode), and torch.profiler breakdowns of both loops.
 3. end-to-end MEMIT (layers 4-8) with backward, forward and onelayer targets on all requests in one batch:
    ``edit.record["timings"]`` and efficacy (fraction of requests with P(new) > P(true) after the edit).
+``--anchor-speed`` (issue 11) instead times only the anchors, in one process, on the same requests at the last
+layer: the old settings (KL at the KL prompt's end, stop on the NLL, chunks in request order) against the reference
+defaults (KL at the subject's last token as a one-column band, stop on the total loss, chunks sorted by suffix
+length) and larger chunks; seconds/request, steps, nll_end, padding, and a torch.profiler breakdown of a few steps;
+writes bench/results/anchor_speed.json.
 Every timed phase records its CPU utilisation (the 2 cores are shared; < 0.9 means someone else ran).
 Prints a table and writes bench/results/edit.json.
 """
@@ -312,7 +317,7 @@ def flop_check(model, adapter: ArchitectureAdapter, tok, reqs: list[EditRequest]
                     "request 0 alone, the batched one for these requests padded together."}
 
 
-def profile_run(fn) -> dict[str, Any]:
+def profile_run(fn, d_ff: int | None = None) -> dict[str, Any]:
     """torch.profiler over ``fn()``: self CPU time per op, grouped into categories (LM-head matmuls apart)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -336,8 +341,10 @@ def profile_run(fn) -> dict[str, Any]:
         cat = next((g for g, names in groups.items() if e.key.startswith(names)), "elementwise / other")
         if cat.startswith("matmul") and "49152" in str(e.input_shapes):
             cat = "matmul: LM head (vocab 49152)"
+        elif cat.startswith("matmul") and d_ff is not None and str(d_ff) in str(e.input_shapes):
+            cat = "matmul: MLP"
         elif cat.startswith("matmul"):
-            cat = "matmul: blocks"
+            cat = "matmul: blocks" if d_ff is None else "matmul: attention projections"
         totals[cat] += e.self_cpu_time_total
     by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in events:
@@ -372,6 +379,81 @@ def run_edit(model, tok, reqs: list[EditRequest], targets: str, layers: list[int
 
 
 # -- main -------------------------------------------------------------------------------------------------
+ANCHOR_SPEED_RUNS = {  # name -> AnchorConfig overrides (on the editor's defaults for a multi-layer method)
+    "old": {"kl_position": "last", "stop_on": "nll", "chunk_order": "request", "batch_size": 32},
+    "reference_maths_request_order": {"chunk_order": "request", "batch_size": 32},
+    "new": {"batch_size": 32},
+    "new_chunk64": {"batch_size": 64},
+    "new_chunk128": {"batch_size": 128},
+}
+
+
+def suffix_padding(prep: TokenBatch, pad: int, kl_position: str) -> dict[str, float]:
+    """Replayed suffix cells per evaluation (all rows present) and the share of them that is padding."""
+    from kedit.optimize import anchor_bands
+
+    cells = real = 0
+    for c in prep.chunks:
+        for lay in anchor_bands(c, pad, kl_position):
+            suf = lay.mask[:, lay.P:]
+            cells += suf.numel()
+            real += int(suf.sum())
+    return {"suffix_cells": cells, "padding_share": round(1 - real / cells, 3)}
+
+
+def anchor_speed(args: argparse.Namespace) -> int:
+    """Old vs reference anchor settings, same process, same requests (issue 11)."""
+    t_start = time.perf_counter()
+    layers = [int(x) for x in args.layers.split(",")]
+    layer = layers[-1]
+    cmd = "flock /tmp/kedit-heavy.lock env OMP_NUM_THREADS=2 .venv/bin/python bench/edit.py " + " ".join(sys.argv[1:])
+    result: dict[str, Any] = {"command": cmd, "machine": machine(), "layer": layer, "n": args.n, "runs": {}}
+    model, tok = load_model("smollm2-135m")
+    reqs = load_requests(args.n)
+    editor = Editor(model, tok, "memit", layers=layers, stats={})
+    templates, pad = editor.templates, pad_id(tok)
+    result["templates"] = len(templates)
+    names = args.runs.split(",") if args.runs else list(ANCHOR_SPEED_RUNS)
+    anchors: dict[str, Anchors] = {}
+    for name in names:
+        cfg = dataclasses.replace(editor.anchor_cfg, steps=args.steps, **ANCHOR_SPEED_RUNS[name])
+        prep = TokenBatch(tok, reqs, templates, cfg.batch_size, cfg.chunk_order)
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        a = optimize_anchors(model, editor.adapter, prep.chunks, layer, cfg, pad)
+        wall = time.perf_counter() - t0
+        anchors[name] = a
+        result["runs"][name] = {
+            "config": dataclasses.asdict(cfg), "seconds": round(wall, 2),
+            "seconds_per_request": round(wall / len(reqs), 3), "cpu_utilisation": round(
+                (time.process_time() - cpu0) / wall / max(1, torch.get_num_threads()), 2),
+            "steps_mean": a.steps.float().mean().item(), "nll_start_mean": a.nll_start.mean().item(),
+            "nll_end_mean": a.nll_end.mean().item(), "gflops": round(a.flops / 1e9, 1), "replay": a.extra["replay"],
+            "setup_seconds": round(a.extra["setup_seconds"], 2),
+            "loadavg_after": os.getloadavg(), **suffix_padding(prep, pad, cfg.kl_position)}
+        print(f"{name:32s} {wall / len(reqs):6.2f} s/request  steps {a.steps.float().mean():5.2f}  "
+              f"nll_end {a.nll_end.mean():.3f}  load {os.getloadavg()[0]:.1f}", flush=True)
+    if "old" in anchors and "new" in anchors:
+        o, n = result["runs"]["old"], result["runs"]["new"]
+        result["speedup_new_vs_old"] = round(o["seconds"] / n["seconds"], 2)
+        best = min((r for r in result["runs"].values()), key=lambda r: r["seconds"])
+        result["speedup_best_vs_old"] = round(o["seconds"] / best["seconds"], 2)
+    if "new" in anchors:  # same maths, other chunking: rounding-level differences only
+        ref = anchors["new"].z
+        result["max_rel_dz_vs_new"] = {k: ((a.z - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+                                       for k, a in anchors.items() if k.startswith("new")}
+    if args.profile_steps:
+        cfg = dataclasses.replace(editor.anchor_cfg, steps=args.profile_steps, early_stop=0.0)
+        prep = TokenBatch(tok, reqs, templates, cfg.batch_size, cfg.chunk_order)
+        result["profile_new_first_chunk"] = {"steps": args.profile_steps, **profile_run(
+            lambda: optimize_anchors(model, editor.adapter, prep.chunks[:1], layer, cfg, pad), editor.adapter.d_ff)}
+    result["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=64, help="CounterFact requests")
@@ -385,8 +467,15 @@ def main() -> int:
     ap.add_argument("--profile-steps", type=int, default=3, help="evaluations profiled (0: skip)")
     ap.add_argument("--stats-tokens", type=int, default=40_000)
     ap.add_argument("--steps", type=int, default=AnchorConfig().steps, help="anchor optimisation steps")
-    ap.add_argument("--out", type=Path, default=RESULTS / "edit.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/edit.json (anchor_speed.json)")
+    ap.add_argument("--anchor-speed", action="store_true", help="only old vs reference anchor settings (issue 11)")
+    ap.add_argument("--runs", default="", help=f"--anchor-speed runs, comma-separated (default: all of "
+                    f"{','.join(ANCHOR_SPEED_RUNS)})")
     args = ap.parse_args()
+    if args.anchor_speed:
+        args.out = args.out or RESULTS / "anchor_speed.json"
+        return anchor_speed(args)
+    args.out = args.out or RESULTS / "edit.json"
     require_data(COUNTERFACT, CORPUS)
     t_start = time.perf_counter()
     torch.manual_seed(0)

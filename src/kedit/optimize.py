@@ -32,6 +32,7 @@ match (e.g. sliding-window caches).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -205,10 +206,14 @@ class _SuffixReplay:
 
     def __init__(self, adapter: ArchitectureAdapter, layer: int, lay: _Layout):
         self.adapter, self.layer = adapter, layer
+        width = lay.ids.shape[1] - lay.P
+        # the LM head only on the suffix columns: over all B x W positions it cost ~2.5 optimisation steps
+        keep = {"logits_to_keep": width} if "logits_to_keep" in inspect.signature(
+            adapter.model.forward).parameters else {}
         with torch.no_grad(), Trace(adapter) as tr:
             tr.capture_block(layer)
-            out = tr.run(input_ids=lay.ids, attention_mask=lay.mask, position_ids=lay.pos, use_cache=True)
-        self.ref_logits = out.logits[:, lay.P:]  # [B, W-P, V]
+            out = tr.run(input_ids=lay.ids, attention_mask=lay.mask, position_ids=lay.pos, use_cache=True, **keep)
+        self.ref_logits = out.logits[:, -width:]  # [B, W-P, V]
         self.h = tr.blocks[layer][:, lay.P:]  # [B, W-P, d]
         self.cache = output_cache(out)
         self.prefix = [(c.keys[:, :, : lay.P], c.values[:, :, : lay.P]) for c in self.cache.layers]
@@ -273,7 +278,8 @@ def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorPro
     cat = lambda name: torch.cat([getattr(p, name).cpu() for p in parts])[inv]  # noqa: E731
     return Anchors(layer, cat("z"), cat("h"), cat("delta"), cat("nll_start"), cat("nll_end"), cat("steps"),
                    time.perf_counter() - start, sum(p.flops for p in parts),
-                   {"replay": all(p.extra["replay"] for p in parts)}, norm=cat("norm"), site=cfg.site)
+                   {"replay": all(p.extra["replay"] for p in parts),
+                    "setup_seconds": sum(p.extra["setup_seconds"] for p in parts)}, norm=cat("norm"), site=cfg.site)
 
 
 def _subset_rows(obj: Any, keep: torch.Tensor, batch: int) -> Any:
@@ -381,6 +387,7 @@ def mlp_output_norm(adapter: ArchitectureAdapter, layer: int, ids: torch.Tensor,
 def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer: int, cfg: AnchorConfig,
                     pad: int, on_step: Callable[[int, int], None] | None = None) -> Anchors:
     n, d = p.n, adapter.d_model
+    t0 = time.perf_counter()
     lays = anchor_bands(p, pad, cfg.kl_position)
     bands = [_Band(adapter, layer, lay) for lay in lays]
     # delta, its optimiser state and the per-request loss live on h_layer's device, in fp32 whatever
@@ -394,6 +401,7 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
     else:
         norm = h0.norm(dim=-1)  # [n]
     max_norm = cfg.clamp_norm_factor * norm  # [n]
+    setup = time.perf_counter() - t0
 
     delta = torch.zeros(n, d, device=device)
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
@@ -447,5 +455,5 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
             norms = delta.norm(dim=-1)
             delta = delta * torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), 1.0)[:, None]
     return Anchors(layer, (h0 + delta).detach(), h0.detach(), delta.detach(), nll_start, nll_last,
-                   step, flops=flops, extra={"replay": all(b.replay is not None for b in bands)},
-                   norm=norm.detach(), site=cfg.site)
+                   step, flops=flops, norm=norm.detach(), site=cfg.site,
+                   extra={"replay": all(b.replay is not None for b in bands), "setup_seconds": setup})
