@@ -95,9 +95,10 @@ def compute_z_one(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer: 
     (subject's last token of every prompt), logits are computed over the vocabulary at every position, and (with
     ``double_head``, as MEMIT does) the target NLL is computed from a second ``ln_f(h_last) @ W_U`` over every
     position of the rewrite prompts. The loss is kedit's (METHODS §4), so the anchors must agree: mean over
-    templates of the mean target-token NLL, ``kl_factor * KL(p_delta || p_0)`` at the end of ``"{subject} is a"``
-    (MEMIT reads it at the subject's last token), ``weight_decay * ||delta|| / ||h||^2``; it stops when the NLL is
-    below ``early_stop_nll`` (MEMIT: total loss < 0.05) and clamps ``||delta||`` after each Adam step.
+    templates of the mean target-token NLL, ``kl_factor * KL(p_delta || p_0)`` of ``"{subject} is a"`` read where
+    ``cfg.kl_position`` says (MEMIT: the subject's last token), ``weight_decay * ||delta|| / ||h||^2``; it stops
+    when the ``cfg.stop_on`` loss is below ``early_stop`` (MEMIT: total loss < 0.05) and clamps ``||delta||``
+    after each Adam step.
     """
     assert p.n == 1
     tf = p.rewrite
@@ -112,7 +113,8 @@ def compute_z_one(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer: 
     targets = torch.full((n_rw, width), -100, dtype=torch.long)  # MEMIT's rewriting_targets
     targets[tf.rows, tf.positions] = tf.labels
     n_target = int((targets[0] != -100).sum())
-    kl_row, kl_pos = n_rw, int(p.kl_last[0])
+    kl_row = n_rw
+    kl_pos = int(p.kl_decisive[0] if cfg.kl_position == "subject" else p.kl_last[0])
 
     delta = torch.zeros(adapter.d_model, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
@@ -150,7 +152,7 @@ def compute_z_one(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer: 
             nll_end = nll.item()
             if it == 0:
                 nll_start = nll_end
-            if nll_end < cfg.early_stop_nll or it == cfg.steps - 1:
+            if (loss.item() if cfg.stop_on == "total" else nll_end) < cfg.early_stop or it == cfg.steps - 1:
                 break
             loss.backward()
             opt.step()
@@ -299,7 +301,7 @@ def flop_check(model, adapter: ArchitectureAdapter, tok, reqs: list[EditRequest]
                pad: int, steps: int = 4) -> dict[str, Any]:
     """optimize.py's FLOP estimate and a corrected formula vs FlopCounterMode, and the FLOPs per request of the
     one-by-one loop, all with ``steps`` evaluations and no early stop."""
-    cfg = AnchorConfig(steps=steps, early_stop_nll=0.0)
+    cfg = AnchorConfig(steps=steps, early_stop=0.0, kl_position="last")  # run_flops counts the one-band layout
     prep = TokenBatch(tok, reqs, templates, len(reqs))
     a, n_batched = counted(lambda: optimize_anchors(model, adapter, prep.chunks, layer, cfg, pad))
     prep1 = TokenBatch(tok, reqs[:1], templates, 1)
@@ -493,7 +495,8 @@ def main() -> int:
     pad = pad_id(tok)
     reqs = load_requests(args.n)
     templates = Editor(model, tok).templates
-    cfg = AnchorConfig(batch_size=args.batch_size, steps=args.steps)  # lr 0.5 (< 2e9 params), MEMIT clamp 0.75
+    # lr 0.5 (< 2e9 params), MEMIT clamp 0.75; run_flops counts the one-band layout (KL rows at full width)
+    cfg = AnchorConfig(batch_size=args.batch_size, steps=args.steps, kl_position="last")
     prep = TokenBatch(tok, reqs, templates, cfg.batch_size)
     result["setup"] = {"model": "smollm2-135m", "n_layers": adapter.n_layers, "requests": len(reqs),
                        "data": "first records of shared/data/counterfact_subset500.json",
@@ -604,7 +607,7 @@ def main() -> int:
         print(f"FLOP estimate / counted {fc['estimate_over_counted']:.3f}, corrected / counted "
               f"{fc['corrected_over_counted']:.3f}", flush=True)
     if args.profile_steps:
-        cfgp = dataclasses.replace(cfg, steps=args.profile_steps, early_stop_nll=0.0)
+        cfgp = dataclasses.replace(cfg, steps=args.profile_steps, early_stop=0.0)
         one = prep1.chunks[0]
         result["profile"] = {
             "evaluations": args.profile_steps,
