@@ -383,9 +383,9 @@ def run_edit(model, tok, reqs: list[EditRequest], targets: str, layers: list[int
 # -- main -------------------------------------------------------------------------------------------------
 ANCHOR_SPEED_RUNS = {  # name -> AnchorConfig overrides (on the editor's defaults for a multi-layer method)
     "old": {"kl_position": "last", "stop_on": "nll", "chunk_order": "request", "batch_size": 32},
-    "reference_maths_request_order": {"chunk_order": "request", "batch_size": 32},
     "new": {"batch_size": 32},
     "new_chunk64": {"batch_size": 64},
+    "reference_maths_request_order": {"chunk_order": "request", "batch_size": 32},
     "new_chunk128": {"batch_size": 128},
 }
 
@@ -417,6 +417,13 @@ def anchor_speed(args: argparse.Namespace) -> int:
     result["templates"] = len(templates)
     names = args.runs.split(",") if args.runs else list(ANCHOR_SPEED_RUNS)
     anchors: dict[str, Anchors] = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.profile_steps:  # first: a short, always-finished look at where a step's time goes
+        cfg = dataclasses.replace(editor.anchor_cfg, steps=args.profile_steps, early_stop=0.0)
+        prep = TokenBatch(tok, reqs, templates, cfg.batch_size, cfg.chunk_order)
+        result["profile_new_first_chunk"] = {"steps": args.profile_steps, **profile_run(
+            lambda: optimize_anchors(model, editor.adapter, prep.chunks[:1], layer, cfg, pad), editor.adapter.d_ff)}
+        print(f"profile: {result['profile_new_first_chunk']['by_category']}", flush=True)
     for name in names:
         cfg = dataclasses.replace(editor.anchor_cfg, steps=args.steps, **ANCHOR_SPEED_RUNS[name])
         prep = TokenBatch(tok, reqs, templates, cfg.batch_size, cfg.chunk_order)
@@ -434,6 +441,11 @@ def anchor_speed(args: argparse.Namespace) -> int:
             "loadavg_after": os.getloadavg(), **suffix_padding(prep, pad, cfg.kl_position)}
         print(f"{name:32s} {wall / len(reqs):6.2f} s/request  steps {a.steps.float().mean():5.2f}  "
               f"nll_end {a.nll_end.mean():.3f}  load {os.getloadavg()[0]:.1f}", flush=True)
+        _anchor_speed_summary(result, anchors, t_start, args.out)  # after every run: a partial run still reports
+    return 0
+
+
+def _anchor_speed_summary(result: dict[str, Any], anchors: dict[str, Anchors], t_start: float, out: Path) -> None:
     if "old" in anchors and "new" in anchors:
         o, n = result["runs"]["old"], result["runs"]["new"]
         result["speedup_new_vs_old"] = round(o["seconds"] / n["seconds"], 2)
@@ -442,18 +454,11 @@ def anchor_speed(args: argparse.Namespace) -> int:
     if "new" in anchors:  # same maths, other chunking: rounding-level differences only
         ref = anchors["new"].z
         result["max_rel_dz_vs_new"] = {k: ((a.z - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
-                                       for k, a in anchors.items() if k.startswith("new")}
-    if args.profile_steps:
-        cfg = dataclasses.replace(editor.anchor_cfg, steps=args.profile_steps, early_stop=0.0)
-        prep = TokenBatch(tok, reqs, templates, cfg.batch_size, cfg.chunk_order)
-        result["profile_new_first_chunk"] = {"steps": args.profile_steps, **profile_run(
-            lambda: optimize_anchors(model, editor.adapter, prep.chunks[:1], layer, cfg, pad), editor.adapter.d_ff)}
+                                       for k, a in anchors.items() if k != "old"}
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
     result["machine"]["loadavg_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
-    return 0
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}", flush=True)
 
 
 def main() -> int:

@@ -11,7 +11,7 @@ shrinks.
 Reference behaviour (MEMIT ``compute_z``, ROME ``compute_v``) is the default; kedit's earlier choices
 stay available by name:
 - ``kl_position="subject"``: the KL term is read at the subject's last token of ``"{subject} is a"``
-  (where delta is injected); ``"last"``: at that prompt's last token (kedit before 0.x).
+  (where delta is injected); ``"last"``: at that prompt's last token (kedit before issue 11).
 - ``stop_on="total"``: a request stops once nll + kl_factor kl + decay < ``early_stop``; ``"nll"``: the
   NLL alone.
 - ``site="block"`` (MEMIT family): clamp and decay use ``norm = ||h_a||``; ``site="mlp"`` (ROME): delta
