@@ -199,21 +199,22 @@ def anchor_bands(p: AnchorProblem, pad: int, kl_position: str) -> list[_Layout]:
 class _SuffixReplay:
     """Blocks ``layer+1 ..`` on the suffix columns, with the constant prefix keys/values cached.
 
-    Two no-grad passes set it up: the full batch (reference logits, h_layer, the prefix cache) and the
+    Two no-grad passes set it up: the full batch (reference output, h_layer, the prefix cache) and the
     suffix alone on that cache, recording every upper block's arguments. Each call resets the cache to
     the prefix and replays the upper blocks on a given suffix residual.
     """
 
     def __init__(self, adapter: ArchitectureAdapter, layer: int, lay: _Layout):
         self.adapter, self.layer = adapter, layer
-        width = lay.ids.shape[1] - lay.P
-        # the LM head only on the suffix columns: over all B x W positions it cost ~2.5 optimisation steps
-        keep = {"logits_to_keep": width} if "logits_to_keep" in inspect.signature(
-            adapter.model.forward).parameters else {}
+        last = adapter.n_layers - 1
+        # the reference is the last block's output; the LM head is applied at the read positions only
+        # (over all B x W positions it cost ~2.5 optimisation steps): logits for one column suffice
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(adapter.model.forward).parameters else {}
         with torch.no_grad(), Trace(adapter) as tr:
             tr.capture_block(layer)
+            tr.capture_block(last)
             out = tr.run(input_ids=lay.ids, attention_mask=lay.mask, position_ids=lay.pos, use_cache=True, **keep)
-        self.ref_logits = out.logits[:, -width:]  # [B, W-P, V]
+        self.ref_h: torch.Tensor | None = tr.blocks[last][:, lay.P:]  # [B, W-P, d]
         self.h = tr.blocks[layer][:, lay.P:]  # [B, W-P, d]
         self.cache = output_cache(out)
         self.prefix = [(c.keys[:, :, : lay.P], c.values[:, :, : lay.P]) for c in self.cache.layers]
@@ -310,12 +311,12 @@ class _Band:
             with torch.no_grad():  # the replay must reproduce the real forward at every read position
                 rows = torch.cat([lay.tok_row, lay.row_kl.nonzero()[:, 0]])
                 cols = torch.cat([lay.tok_col, lay.row_last[lay.row_kl]])
-                ref = _at(self.replay.ref_logits, rows, cols).float()
+                ref = adapter.unembed(_at(self.replay.ref_h, rows, cols)).float()
                 got = adapter.unembed(_at(self.replay(self.replay.h), rows, cols)).float().to(ref.device)
                 tol = max(1e-3, 8 * torch.finfo(self.replay.h.dtype).eps)  # bf16/fp16: a few roundings differ
                 ok = bool(torch.allclose(got, ref, rtol=tol, atol=tol * (1 + ref.abs().max().item())))
             self.h = self.replay.h
-            self.replay.ref_logits = None
+            self.replay.ref_h = None
         except (AttributeError, TypeError, ValueError, RuntimeError):  # no reusable per-layer key/value cache
             ok = False
         if not ok:
