@@ -14,6 +14,11 @@ On SmolLM2-135M with the first ``--n`` CounterFact records of ../shared/data/cou
    counted pass by pass (checked against torch's FlopCounterMode), and torch.profiler breakdowns of both loops.
 3. end-to-end MEMIT (layers 4-8) with backward, forward and onelayer targets on all requests in one batch:
    ``edit.record["timings"]`` and efficacy (fraction of requests with P(new) > P(true) after the edit).
+``--anchor-speed`` (issue 11) instead times only the anchors, in one process, on the same requests at the last
+layer: the old settings (KL at the KL prompt's end, stop on the NLL, chunks in request order) against the reference
+defaults (KL at the subject's last token as a one-column band, stop on the total loss, chunks sorted by suffix
+length) and larger chunks; seconds/request, steps, nll_end, padding, and a torch.profiler breakdown of a few steps;
+writes bench/results/anchor_speed.json.
 Every timed phase records its CPU utilisation (the 2 cores are shared; < 0.9 means someone else ran).
 Prints a table and writes bench/results/edit.json.
 """
@@ -90,9 +95,10 @@ def compute_z_one(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer: 
     (subject's last token of every prompt), logits are computed over the vocabulary at every position, and (with
     ``double_head``, as MEMIT does) the target NLL is computed from a second ``ln_f(h_last) @ W_U`` over every
     position of the rewrite prompts. The loss is kedit's (METHODS §4), so the anchors must agree: mean over
-    templates of the mean target-token NLL, ``kl_factor * KL(p_delta || p_0)`` at the end of ``"{subject} is a"``
-    (MEMIT reads it at the subject's last token), ``weight_decay * ||delta|| / ||h||^2``; it stops when the NLL is
-    below ``early_stop_nll`` (MEMIT: total loss < 0.05) and clamps ``||delta||`` after each Adam step.
+    templates of the mean target-token NLL, ``kl_factor * KL(p_delta || p_0)`` of ``"{subject} is a"`` read where
+    ``cfg.kl_position`` says (MEMIT: the subject's last token), ``weight_decay * ||delta|| / ||h||^2``; it stops
+    when the ``cfg.stop_on`` loss is below ``early_stop`` (MEMIT: total loss < 0.05) and clamps ``||delta||``
+    after each Adam step.
     """
     assert p.n == 1
     tf = p.rewrite
@@ -107,7 +113,8 @@ def compute_z_one(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer: 
     targets = torch.full((n_rw, width), -100, dtype=torch.long)  # MEMIT's rewriting_targets
     targets[tf.rows, tf.positions] = tf.labels
     n_target = int((targets[0] != -100).sum())
-    kl_row, kl_pos = n_rw, int(p.kl_last[0])
+    kl_row = n_rw
+    kl_pos = int(p.kl_decisive[0] if cfg.kl_position == "subject" else p.kl_last[0])
 
     delta = torch.zeros(adapter.d_model, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
@@ -145,7 +152,7 @@ def compute_z_one(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer: 
             nll_end = nll.item()
             if it == 0:
                 nll_start = nll_end
-            if nll_end < cfg.early_stop_nll or it == cfg.steps - 1:
+            if (loss.item() if cfg.stop_on == "total" else nll_end) < cfg.early_stop or it == cfg.steps - 1:
                 break
             loss.backward()
             opt.step()
@@ -294,7 +301,7 @@ def flop_check(model, adapter: ArchitectureAdapter, tok, reqs: list[EditRequest]
                pad: int, steps: int = 4) -> dict[str, Any]:
     """optimize.py's FLOP estimate and a corrected formula vs FlopCounterMode, and the FLOPs per request of the
     one-by-one loop, all with ``steps`` evaluations and no early stop."""
-    cfg = AnchorConfig(steps=steps, early_stop_nll=0.0)
+    cfg = AnchorConfig(steps=steps, early_stop=0.0, kl_position="last")  # run_flops counts the one-band layout
     prep = TokenBatch(tok, reqs, templates, len(reqs))
     a, n_batched = counted(lambda: optimize_anchors(model, adapter, prep.chunks, layer, cfg, pad))
     prep1 = TokenBatch(tok, reqs[:1], templates, 1)
@@ -312,7 +319,7 @@ def flop_check(model, adapter: ArchitectureAdapter, tok, reqs: list[EditRequest]
                     "request 0 alone, the batched one for these requests padded together."}
 
 
-def profile_run(fn) -> dict[str, Any]:
+def profile_run(fn, d_ff: int | None = None) -> dict[str, Any]:
     """torch.profiler over ``fn()``: self CPU time per op, grouped into categories (LM-head matmuls apart)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -336,8 +343,10 @@ def profile_run(fn) -> dict[str, Any]:
         cat = next((g for g, names in groups.items() if e.key.startswith(names)), "elementwise / other")
         if cat.startswith("matmul") and "49152" in str(e.input_shapes):
             cat = "matmul: LM head (vocab 49152)"
+        elif cat.startswith("matmul") and d_ff is not None and str(d_ff) in str(e.input_shapes):
+            cat = "matmul: MLP"
         elif cat.startswith("matmul"):
-            cat = "matmul: blocks"
+            cat = "matmul: blocks" if d_ff is None else "matmul: attention projections"
         totals[cat] += e.self_cpu_time_total
     by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for e in events:
@@ -372,6 +381,86 @@ def run_edit(model, tok, reqs: list[EditRequest], targets: str, layers: list[int
 
 
 # -- main -------------------------------------------------------------------------------------------------
+ANCHOR_SPEED_RUNS = {  # name -> AnchorConfig overrides (on the editor's defaults for a multi-layer method)
+    "old": {"kl_position": "last", "stop_on": "nll", "chunk_order": "request", "batch_size": 32},
+    "new": {"batch_size": 32},
+    "new_chunk64": {"batch_size": 64},
+    "reference_maths_request_order": {"chunk_order": "request", "batch_size": 32},
+    "new_chunk128": {"batch_size": 128},
+}
+
+
+def suffix_padding(prep: TokenBatch, pad: int, kl_position: str) -> dict[str, float]:
+    """Replayed suffix cells per evaluation (all rows present) and the share of them that is padding."""
+    from kedit.optimize import anchor_bands
+
+    cells = real = 0
+    for c in prep.chunks:
+        for lay in anchor_bands(c, pad, kl_position):
+            suf = lay.mask[:, lay.P:]
+            cells += suf.numel()
+            real += int(suf.sum())
+    return {"suffix_cells": cells, "padding_share": round(1 - real / cells, 3)}
+
+
+def anchor_speed(args: argparse.Namespace) -> int:
+    """Old vs reference anchor settings, same process, same requests (issue 11)."""
+    t_start = time.perf_counter()
+    layers = [int(x) for x in args.layers.split(",")]
+    layer = layers[-1]
+    cmd = "flock /tmp/kedit-heavy.lock env OMP_NUM_THREADS=2 .venv/bin/python bench/edit.py " + " ".join(sys.argv[1:])
+    result: dict[str, Any] = {"command": cmd, "machine": machine(), "layer": layer, "n": args.n, "runs": {}}
+    model, tok = load_model("smollm2-135m")
+    reqs = load_requests(args.n)
+    editor = Editor(model, tok, "memit", layers=layers, stats={})
+    templates, pad = editor.templates, pad_id(tok)
+    result["templates"] = len(templates)
+    names = args.runs.split(",") if args.runs else list(ANCHOR_SPEED_RUNS)
+    anchors: dict[str, Anchors] = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.profile_steps:  # first: a short, always-finished look at where a step's time goes
+        cfg = dataclasses.replace(editor.anchor_cfg, steps=args.profile_steps, early_stop=0.0)
+        prep = TokenBatch(tok, reqs, templates, cfg.batch_size, cfg.chunk_order)
+        result["profile_new_first_chunk"] = {"steps": args.profile_steps, **profile_run(
+            lambda: optimize_anchors(model, editor.adapter, prep.chunks[:1], layer, cfg, pad), editor.adapter.d_ff)}
+        print(f"profile: {result['profile_new_first_chunk']['by_category']}", flush=True)
+    for name in names:
+        cfg = dataclasses.replace(editor.anchor_cfg, steps=args.steps, **ANCHOR_SPEED_RUNS[name])
+        prep = TokenBatch(tok, reqs, templates, cfg.batch_size, cfg.chunk_order)
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        a = optimize_anchors(model, editor.adapter, prep.chunks, layer, cfg, pad)
+        wall = time.perf_counter() - t0
+        anchors[name] = a
+        result["runs"][name] = {
+            "config": dataclasses.asdict(cfg), "seconds": round(wall, 2),
+            "seconds_per_request": round(wall / len(reqs), 3), "cpu_utilisation": round(
+                (time.process_time() - cpu0) / wall / max(1, torch.get_num_threads()), 2),
+            "steps_mean": a.steps.float().mean().item(), "nll_start_mean": a.nll_start.mean().item(),
+            "nll_end_mean": a.nll_end.mean().item(), "gflops": round(a.flops / 1e9, 1), "replay": a.extra["replay"],
+            "setup_seconds": round(a.extra["setup_seconds"], 2),
+            "loadavg_after": os.getloadavg(), **suffix_padding(prep, pad, cfg.kl_position)}
+        print(f"{name:32s} {wall / len(reqs):6.2f} s/request  steps {a.steps.float().mean():5.2f}  "
+              f"nll_end {a.nll_end.mean():.3f}  load {os.getloadavg()[0]:.1f}", flush=True)
+        _anchor_speed_summary(result, anchors, t_start, args.out)  # after every run: a partial run still reports
+    return 0
+
+
+def _anchor_speed_summary(result: dict[str, Any], anchors: dict[str, Anchors], t_start: float, out: Path) -> None:
+    if "old" in anchors and "new" in anchors:
+        o, n = result["runs"]["old"], result["runs"]["new"]
+        result["speedup_new_vs_old"] = round(o["seconds"] / n["seconds"], 2)
+        best = min((r for r in result["runs"].values()), key=lambda r: r["seconds"])
+        result["speedup_best_vs_old"] = round(o["seconds"] / best["seconds"], 2)
+    if "new" in anchors:  # same maths, other chunking: rounding-level differences only
+        ref = anchors["new"].z
+        result["max_rel_dz_vs_new"] = {k: ((a.z - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+                                       for k, a in anchors.items() if k != "old"}
+    result["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=64, help="CounterFact requests")
@@ -385,8 +474,15 @@ def main() -> int:
     ap.add_argument("--profile-steps", type=int, default=3, help="evaluations profiled (0: skip)")
     ap.add_argument("--stats-tokens", type=int, default=40_000)
     ap.add_argument("--steps", type=int, default=AnchorConfig().steps, help="anchor optimisation steps")
-    ap.add_argument("--out", type=Path, default=RESULTS / "edit.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/edit.json (anchor_speed.json)")
+    ap.add_argument("--anchor-speed", action="store_true", help="only old vs reference anchor settings (issue 11)")
+    ap.add_argument("--runs", default="", help=f"--anchor-speed runs, comma-separated (default: all of "
+                    f"{','.join(ANCHOR_SPEED_RUNS)})")
     args = ap.parse_args()
+    if args.anchor_speed:
+        args.out = args.out or RESULTS / "anchor_speed.json"
+        return anchor_speed(args)
+    args.out = args.out or RESULTS / "edit.json"
     require_data(COUNTERFACT, CORPUS)
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -404,7 +500,8 @@ def main() -> int:
     pad = pad_id(tok)
     reqs = load_requests(args.n)
     templates = Editor(model, tok).templates
-    cfg = AnchorConfig(batch_size=args.batch_size, steps=args.steps)  # lr 0.5 (< 2e9 params), MEMIT clamp 0.75
+    # lr 0.5 (< 2e9 params), MEMIT clamp 0.75; run_flops counts the one-band layout (KL rows at full width)
+    cfg = AnchorConfig(batch_size=args.batch_size, steps=args.steps, kl_position="last")
     prep = TokenBatch(tok, reqs, templates, cfg.batch_size)
     result["setup"] = {"model": "smollm2-135m", "n_layers": adapter.n_layers, "requests": len(reqs),
                        "data": "first records of shared/data/counterfact_subset500.json",
@@ -515,7 +612,7 @@ def main() -> int:
         print(f"FLOP estimate / counted {fc['estimate_over_counted']:.3f}, corrected / counted "
               f"{fc['corrected_over_counted']:.3f}", flush=True)
     if args.profile_steps:
-        cfgp = dataclasses.replace(cfg, steps=args.profile_steps, early_stop_nll=0.0)
+        cfgp = dataclasses.replace(cfg, steps=args.profile_steps, early_stop=0.0)
         one = prep1.chunks[0]
         result["profile"] = {
             "evaluations": args.profile_steps,

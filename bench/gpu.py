@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in B["anchor_batches"]:
         def anchors(b=b):
             prep = TokenBatch(tok, requests(b), TEMPLATES, b)
-            cfg_a = AnchorConfig(steps=B["steps"], early_stop_nll=0.0, batch_size=b)
+            cfg_a = AnchorConfig(steps=B["steps"], early_stop=0.0, batch_size=b)
             t0 = time.perf_counter()
             optimize_anchors(model, adapter, prep.chunks, layers[0], cfg_a, pad)
             bench.sync()
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         reqs = requests(B["e2e"])
         editor = Editor(model, tok, layers=layers, stats=s.get("C") or {la: torch.eye(f, dtype=torch.float64)
                                                                         for la in layers},
-                        anchor={"steps": B["e2e_steps"], "early_stop_nll": 0.0}, diagnostics=False)
+                        anchor={"steps": B["e2e_steps"], "early_stop": 0.0}, diagnostics=False)
         editor._templates = list(TEMPLATES)  # no sampling from a random model
         t0 = time.perf_counter()
         edit = editor.apply(reqs)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         m = dispatch_model(model, device_map=dmap)
         editor = Editor(m, tok, layers=layers, stats=s.get("C") or {la: torch.eye(f, dtype=torch.float64)
                                                                     for la in layers},
-                        anchor={"steps": B["e2e_steps"], "early_stop_nll": 0.0}, diagnostics=False)
+                        anchor={"steps": B["e2e_steps"], "early_stop": 0.0}, diagnostics=False)
         editor._templates = list(TEMPLATES)
         probe = tok(["The capital of Aaaton is"], return_tensors="pt")["input_ids"].to(dev)
         with torch.no_grad():

@@ -153,7 +153,7 @@ def child(name: str, dtype_name: str, out: Path) -> None:
     kedit.editor.optimize_anchors = timed("anchors", kedit.editor.optimize_anchors)
     kedit.edit.Edit._write = timed("apply", kedit.edit.Edit._write)
     editor = Editor(model, tok, layers=layers, stats=C, diagnostics=False,
-                    anchor={"steps": SETTINGS["steps"], "early_stop_nll": 0.0})
+                    anchor={"steps": SETTINGS["steps"], "early_stop": 0.0})
     editor._templates = list(TEMPLATES)  # sampling text from a random model is not what is measured
     editor.solver = TimedSolver(editor.solver)
     editor._read = timed("keys", editor._read)

@@ -25,7 +25,7 @@ def _anchors(editor, reqs, layer, cfg, chunk):
 def test_batched_equals_one_by_one(tiny_tok, family):
     model = make_tiny(family, tiny_tok)
     editor = Editor(model, tiny_tok, layers=[1, 2])
-    cfg = AnchorConfig(steps=8, lr=0.2, early_stop_nll=0.0)
+    cfg = AnchorConfig(steps=8, lr=0.2, early_stop=0.0)
     batched = _anchors(editor, REQS, 1, cfg, chunk=len(REQS))
     assert batched.extra["replay"]
     for i, r in enumerate(REQS):
@@ -38,7 +38,7 @@ def test_shrinking_batch_and_early_stop_match_single(tiny_tok):
     model = make_tiny("llama", tiny_tok)
     editor = Editor(model, tiny_tok, layers=[1])
     # a high early-stop threshold makes requests finish at different steps, which shrinks the batch
-    cfg = AnchorConfig(steps=12, lr=1.0, clamp_norm_factor=4.0, early_stop_nll=7.6)
+    cfg = AnchorConfig(steps=12, lr=1.0, clamp_norm_factor=4.0, early_stop=7.6)
     batched = _anchors(editor, REQS, 1, cfg, chunk=len(REQS))
     singles = [_anchors(editor, [r], 1, cfg, chunk=1) for r in REQS]
     steps = torch.stack([s.steps[0] for s in singles])
@@ -62,7 +62,7 @@ def test_optimisation_lowers_nll_and_respects_clamp(tiny_tok):
 def test_full_forward_fallback_matches_replay(tiny_tok, monkeypatch):
     model = make_tiny("llama", tiny_tok)
     editor = Editor(model, tiny_tok, layers=[1])
-    cfg = AnchorConfig(steps=5, lr=0.3, early_stop_nll=0.0)
+    cfg = AnchorConfig(steps=5, lr=0.3, early_stop=0.0)
     fast = _anchors(editor, REQS, 1, cfg, chunk=4)
     import kedit.optimize as opt
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import torch
 
 import kedit
 from kedit import distributed
+from kedit.anchor_cache import AnchorRow, AnchorStore, anchor_key, join_rows, split_rows
 from kedit.arch import ArchitectureAdapter
 from kedit.batch import KL_PROMPT, TokenBatch
 from kedit.edit import Edit
@@ -47,9 +49,14 @@ def default_layers(n_layers: int, multi_layer: bool) -> list[int]:
 
 
 def default_anchor_config(model, multi_layer: bool, **overrides: Any) -> AnchorConfig:
-    """Anchor hyperparameters derived from the model and method (METHODS §4)."""
+    """Anchor hyperparameters derived from the model and method (METHODS §4).
+
+    Multi-layer methods (MEMIT family): delta relative to the residual ``h_a``, clamp 0.75 (MEMIT
+    ``compute_z``); single-layer ones (ROME ``compute_v``): relative to the MLP output, clamp 4.
+    """
     n_params = sum(p.numel() for p in model.parameters())
-    base = dict(lr=0.5 if n_params < 2e9 else 0.1, clamp_norm_factor=0.75 if multi_layer else 4.0)
+    base = dict(lr=0.5 if n_params < 2e9 else 0.1, clamp_norm_factor=0.75 if multi_layer else 4.0,
+                site="block" if multi_layer else "mlp")
     return AnchorConfig(**{**base, **overrides})
 
 
@@ -67,7 +74,7 @@ def describe(obj: Any) -> Any:
     return {"name": getattr(obj, "name", type(obj).__name__)}
 
 
-_ANCHOR_TENSORS = ("z", "h", "delta", "nll_start", "nll_end", "steps")
+_ANCHOR_TENSORS = ("z", "h", "delta", "nll_start", "nll_end", "steps", "norm")
 
 
 def _distributed_anchors(editor: Editor, prep: TokenBatch, layer: int) -> Anchors:
@@ -80,7 +87,8 @@ def _distributed_anchors(editor: Editor, prep: TokenBatch, layer: int) -> Anchor
     lo, hi = distributed.shard_bounds(prep.n)
     parts = []
     if hi > lo:
-        mine = TokenBatch(editor.tok, list(prep.requests[lo:hi]), editor.templates, editor.anchor_cfg.batch_size)
+        mine = TokenBatch(editor.tok, list(prep.requests[lo:hi]), editor.templates, editor.anchor_cfg.batch_size,
+                          editor.anchor_cfg.chunk_order)
         parts.append(optimize_anchors(editor.model, editor.adapter, mine.chunks, layer, editor.anchor_cfg,
                                       pad_id(editor.tok)))
     cpu = [dataclasses.replace(a, **{k: getattr(a, k).cpu() for k in _ANCHOR_TENSORS}) for a in parts]
@@ -88,7 +96,8 @@ def _distributed_anchors(editor: Editor, prep: TokenBatch, layer: int) -> Anchor
     cat = lambda name: torch.cat([getattr(a, name) for a in gathered])  # noqa: E731  (on CPU, as one process)
     return Anchors(layer, cat("z"), cat("h"), cat("delta"), cat("nll_start"), cat("nll_end"), cat("steps"),
                    max(a.seconds for a in gathered), sum(a.flops for a in gathered),
-                   {"replay": all(a.extra["replay"] for a in gathered), "world_size": distributed.world_size()})
+                   {"replay": all(a.extra["replay"] for a in gathered), "world_size": distributed.world_size()},
+                   norm=cat("norm"), site=editor.anchor_cfg.site)
 
 
 class Editor:
@@ -112,15 +121,18 @@ class Editor:
     everything used is in ``config()``. Sequential calls to ``apply`` carry the solver state (e.g. MEMIT's
     ``C_cache``); ``reset()`` forgets it.
 
-    ``anchor_cache``: a dict shared by several editors (e.g. one per solver) so that anchors already
-    optimised for the same weights, requests, layer, templates and anchor settings are reused: the
-    anchors do not depend on the solver, so comparing solvers costs one optimisation per layer.
+    ``anchor_cache``: a dict shared by several editors (e.g. one per solver), or a directory (then each
+    entry is also written there and later runs resume from it), so that anchors already optimised for
+    the same weights, request, layer, templates and anchor settings are reused, per request
+    (kedit.anchor_cache): the anchors do not depend on the solver, so comparing solvers costs one
+    optimisation per layer, and a batch that extends an earlier one optimises only its new requests.
     """
 
     def __init__(self, model, tok, method: str | Any = "memit", targets: str | Any = "forward",
                  layers: list[int] | None = None, *, stats: Any = None, anchor: AnchorConfig | dict | None = None,
                  seed: int = 0, diagnostics: bool = True, verbose: bool = False,
-                 anchor_cache: dict | None = None, key_weighting: str = "grouped", **hparams: Any):
+                 anchor_cache: dict | str | os.PathLike | None = None, key_weighting: str = "grouped",
+                 **hparams: Any):
         self.model, self.tok = model, tok
         self.adapter = ArchitectureAdapter.from_model(model)
         self.builder = make_targets(targets) if isinstance(targets, str) else targets
@@ -144,6 +156,7 @@ class Editor:
         self.verbose = verbose
         self.fingerprint = model_fingerprint(model)
         self.anchor_cache = anchor_cache
+        self._anchor_store = AnchorStore(anchor_cache) if anchor_cache is not None else None
         self.state: dict[int, dict] = {layer: {} for layer in self.layers}
         self._C: dict[int, torch.Tensor] = {}
         self._templates: list[str] | None = None
@@ -273,38 +286,59 @@ class Editor:
                    attention_mask=prep.key_mask[rows, :width].to(device))
         return {later: tr.blocks[later].float().cpu() for later in read_layers}
 
+    def _optimize(self, prep: TokenBatch, layer: int) -> Anchors:
+        """Anchors of every request of ``prep`` at ``layer`` (split across ranks under torchrun)."""
+        if distributed.active(self.adapter.input_device):
+            return _distributed_anchors(self, prep, layer)
+        steps = self.anchor_cfg.steps
+        with bar(len(prep.chunks) * steps, f"anchors L{layer}", "step", self.verbose) as pb:
+            def on_step(chunk: int, step: int, converged: int) -> None:
+                pb.n = chunk * steps + step
+                pb.set_postfix_str(f"converged {converged}/{prep.chunks[chunk].n}", refresh=True)
+
+            return optimize_anchors(self.model, self.adapter, prep.chunks, layer, self.anchor_cfg,
+                                    pad_id(self.tok), on_step=on_step)
+
     def _session(self, prep: TokenBatch, log: dict[str, Any]):
         editor = self
 
         class Session:
             def optimize(self, layer: int) -> Anchors:
                 t0 = time.perf_counter()
-                cache, key = editor.anchor_cache, None
-                if cache is not None:  # the weights as they are now are part of the key (sequential editing)
-                    key = (model_fingerprint(editor.model), layer, prep.requests, tuple(editor.templates),
-                           repr(editor.anchor_cfg))
-                    if key in cache:
-                        editor._log(f"reusing {prep.n} anchors at layer {layer}")
-                        log.setdefault("anchors", []).append({"layer": layer, "reused": True})
-                        return cache[key]
-                editor._log(f"optimising {prep.n} anchors at layer {layer}")
-                if distributed.active(editor.adapter.input_device):
-                    a = _distributed_anchors(editor, prep, layer)
-                else:
-                    steps = editor.anchor_cfg.steps
-                    with bar(len(prep.chunks) * steps, f"anchors L{layer}", "step", editor.verbose) as pb:
-                        def on_step(chunk: int, step: int, converged: int) -> None:
-                            pb.n = chunk * steps + step
-                            pb.set_postfix_str(f"converged {converged}/{prep.chunks[chunk].n}", refresh=True)
+                store = editor._anchor_store
+                rows: list[AnchorRow | None] = [None] * prep.n
+                keys: list[str] = []
+                if store is not None:  # the weights as they are now are part of the key (sequential editing)
+                    from kedit.stats import tokenizer_identity
 
-                        a = optimize_anchors(editor.model, editor.adapter, prep.chunks, layer, editor.anchor_cfg,
-                                             pad_id(editor.tok), on_step=on_step)
-                if key is not None:
-                    cache[key] = a
+                    fp, tok_id = model_fingerprint(editor.model), tokenizer_identity(editor.tok)
+                    keys = [anchor_key(fp, tok_id, layer, r, editor.templates, editor.anchor_cfg)
+                            for r in prep.requests]
+                    rows = [store.get(k) for k in keys]
+                missing = [i for i, r in enumerate(rows) if r is None]
+                reused = prep.n - len(missing)
+                editor._log(f"anchors at layer {layer}: {reused} reused, {len(missing)} to optimise")
+                fresh = None
+                if missing:
+                    todo = prep if not reused else TokenBatch(
+                        editor.tok, [prep.requests[i] for i in missing], editor.templates,
+                        editor.anchor_cfg.batch_size, editor.anchor_cfg.chunk_order)
+                    fresh = editor._optimize(todo, layer)
+                    for i, row in zip(missing, split_rows(fresh), strict=True):
+                        rows[i] = row
+                        if store is not None:
+                            store.put(keys[i], row)
+                if fresh is not None and not reused:
+                    a = fresh
+                else:
+                    a = join_rows(layer, rows, fresh.seconds if fresh else 0.0, fresh.flops if fresh else 0.0)
                 log.setdefault("anchors", []).append({
-                    "layer": layer, "seconds": round(a.seconds, 3), "gflops": round(a.flops / 1e9, 2),
+                    "layer": layer, "reused": reused, "optimised": len(missing),
+                    "seconds": round(fresh.seconds, 3) if fresh else 0.0,
+                    "gflops": round(fresh.flops / 1e9, 2) if fresh else 0.0,
                     "nll_start": a.nll_start.mean().item(), "nll_end": a.nll_end.mean().item(),
-                    "steps_mean": a.steps.float().mean().item(), "replay": a.extra["replay"],
+                    "steps_mean": a.steps.float().mean().item(), "replay": a.extra["replay"], "site": a.site,
+                    "norm_mean": a.norm.mean().item() if a.norm is not None else None,
                 })
                 log["optimize_seconds"] = log.get("optimize_seconds", 0.0) + time.perf_counter() - t0
                 return a
@@ -319,7 +353,7 @@ class Editor:
         """Validate, tokenise, compute statistics and build the targets (before any weight changes)."""
         check_batch(requests)
         check_limits(self.tok, requests)  # before any forward pass: long inputs cost minutes and rarely take
-        prep = TokenBatch(self.tok, requests, self.templates, self.anchor_cfg.batch_size)
+        prep = TokenBatch(self.tok, requests, self.templates, self.anchor_cfg.batch_size, self.anchor_cfg.chunk_order)
         for layer in self.layers:
             self.second_moment(layer)
         log: dict[str, Any] = {}

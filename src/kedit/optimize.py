@@ -2,25 +2,40 @@
 
 For request i and anchor layer a, ``delta_i`` is added to ``h_a`` at the decisive token of every
 context template (and of the KL prompt ``"{subject} is a"``). Loss per request:
-``mean_templates NLL(target | template) + kl_factor KL(p_delta || p_0) + wd ||delta|| / ||h_a||^2``.
+``mean_templates NLL(target | template) + kl_factor KL(p_delta || p_0) + wd ||delta|| / norm^2``.
 Requests are independent, so the summed loss gives each ``delta_i`` exactly its own gradient; Adam
-is run per row (the same update as ``torch.optim.Adam``), requests that reach the early-stop NLL are
-frozen, and once 40% of them are done the batch (with the captured block arguments) shrinks.
+is run per row (the same update as ``torch.optim.Adam``), requests whose stopping loss falls below
+``early_stop`` are frozen, and once 40% of them are done the batch (with the captured block arguments)
+shrinks.
+
+Reference behaviour (MEMIT ``compute_z``, ROME ``compute_v``) is the default; kedit's earlier choices
+stay available by name:
+- ``kl_position="subject"``: the KL term is read at the subject's last token of ``"{subject} is a"``
+  (where delta is injected); ``"last"``: at that prompt's last token (kedit before issue 11).
+- ``stop_on="total"``: a request stops once nll + kl_factor kl + decay < ``early_stop``; ``"nll"``: the
+  NLL alone.
+- ``site="block"`` (MEMIT family): clamp and decay use ``norm = ||h_a||``; ``site="mlp"`` (ROME): delta
+  sits on the MLP output and they use ``norm = ||mlp_out_a||`` at the decisive token of the bare prompt.
+  Adding delta to the MLP output adds exactly delta to the block output (residual add, parallel
+  residual included; tests/test_anchors_reference.py), so delta is still injected at the block output.
 
 Speed: the layers up to ``a`` do not depend on delta, and neither do the tokens before the decisive
 token (causal attention). Rows are left-aligned on the decisive token, the layers up to ``a`` run
 once (no grad), and each step replays only the blocks above ``a`` on the suffix columns, reusing
 the prefix keys/values from a cache and the block arguments captured from a real pass; the LM head
-is applied only at target positions. The replay is checked against the real forward before the
-first step, and kedit falls back to full forward passes where it does not match (e.g. sliding-window
-caches).
+is applied only at target positions. Rows are split into *bands* of similar suffix width, each replayed
+on its own: with ``kl_position="subject"`` the KL rows need only their decisive column, so they form a
+one-column band instead of being padded to the rewrite rows' width. The replay is checked against
+the real forward before the first step, and kedit falls back to full forward passes where it does not
+match (e.g. sliding-window caches).
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +45,11 @@ from kedit.generation import cache_kwargs, output_cache
 from kedit.hooks import Trace, block_output, record_block_calls
 from kedit.tokens import TeacherForced
 
+STOP_ON = ("total", "nll")
+KL_POSITIONS = ("subject", "last")
+SITES = ("block", "mlp")
+CHUNK_ORDERS = ("suffix", "request")
+
 
 @dataclass(frozen=True)
 class AnchorConfig:
@@ -37,9 +57,13 @@ class AnchorConfig:
     steps: int = 25                  # MEMIT: 20-25
     kl_factor: float = 0.0625        # keeps the subject's "is a" distribution (essence drift)
     weight_decay: float = 0.5        # on ||delta|| / ||h_a||^2
-    clamp_norm_factor: float = 0.75  # ||delta|| <= factor * ||h_a|| (MEMIT 0.75, ROME 4)
-    early_stop_nll: float = 0.05     # a request stops once its mean NLL is below this
+    clamp_norm_factor: float = 0.75  # ||delta|| <= factor * norm (MEMIT 0.75 of ||h_a||, ROME 4 of ||mlp_out||)
+    early_stop: float = 0.05         # a request stops once its ``stop_on`` loss is below this (reference 5e-2)
+    stop_on: str = "total"           # "total": nll + kl + decay (reference); "nll": the NLL alone (old kedit)
+    kl_position: str = "subject"     # "subject": subject's last token of "{s} is a" (reference); "last": its end
+    site: str = "block"              # norm of clamp/decay: "block" ||h_a|| (MEMIT), "mlp" ||mlp_out_a|| (ROME)
     batch_size: int = 32             # requests optimised together (memory bound)
+    chunk_order: str = "suffix"      # chunks of requests sorted by suffix length (less padding); "request": in order
     autocast_bf16: bool = False      # bf16 autocast: for GPUs; 3.3x *slower* on this CPU (measured), different anchors
 
     def __post_init__(self) -> None:
@@ -48,6 +72,15 @@ class AnchorConfig:
                 raise ValueError(f"AnchorConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("AnchorConfig.steps and batch_size must be >= 1")
+        for name, allowed in (("stop_on", STOP_ON), ("kl_position", KL_POSITIONS), ("site", SITES),
+                              ("chunk_order", CHUNK_ORDERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"AnchorConfig.{name} must be one of {', '.join(allowed)}; "
+                                 f"got {getattr(self, name)!r}")
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields an anchor depends on (cache key): chunking only changes float rounding (tested)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("batch_size", "chunk_order")}
 
 
 @dataclass
@@ -63,6 +96,7 @@ class AnchorProblem:
     kl_last: torch.Tensor         # [n] last real position of each KL prompt
     bare_rows: torch.Tensor       # [n] row of the bare-prompt ("{}") sequence of each request
     n: int
+    requests: torch.Tensor | None = None  # [n] index of each request in the caller's list (None: 0..n-1)
 
 
 @dataclass
@@ -79,6 +113,8 @@ class Anchors:
     seconds: float = 0.0
     flops: float = 0.0       # estimated matmul FLOPs spent (2 * params * tokens per matmul pass)
     extra: dict[str, Any] = field(default_factory=dict)
+    norm: torch.Tensor | None = None  # [n] the norm clamp and decay used (||h|| or ||mlp_out||, see ``site``)
+    site: str = "block"      # AnchorConfig.site the anchors were optimised with
 
 
 @dataclass
@@ -95,17 +131,20 @@ class _Layout:
     P: int
     row_req: torch.Tensor    # [B] request of each row
     row_kl: torch.Tensor     # [B] whether the row is a KL prompt
-    row_last: torch.Tensor   # [B] suffix column read for the KL distribution (end of the KL prompt)
+    row_last: torch.Tensor   # [B] suffix column read for the KL distribution (kl_position; 0 = decisive)
     tok_row: torch.Tensor    # [m] row of each scored target token
     tok_col: torch.Tensor    # [m] suffix column whose logits predict it
     labels: torch.Tensor     # [m]
     tok_weight: torch.Tensor  # [m] 1 / (tokens of its sequence * templates of its request)
 
 
-def anchor_layout(p: AnchorProblem, pad: int) -> _Layout:
+def anchor_layout(p: AnchorProblem, pad: int, kl_position: str = "last") -> _Layout:
+    """All rows of ``p`` in one layout; with ``kl_position="subject"`` the KL rows end at their decisive token."""
     tf = p.rewrite
+    subject = kl_position == "subject"
     seqs = [tf.input_ids[r, : int(tf.attention_mask[r].sum())].tolist() for r in range(tf.n)]
-    seqs += [p.kl_ids[i, : int(p.kl_mask[i].sum())].tolist() for i in range(p.n)]
+    seqs += [p.kl_ids[i, : int(p.kl_decisive[i]) + 1 if subject else int(p.kl_mask[i].sum())].tolist()
+             for i in range(p.n)]
     dec = torch.cat([p.rewrite_decisive, p.kl_decisive]).tolist()
     P = max(dec)
     W = P + max(len(s) - d for s, d in zip(seqs, dec))
@@ -121,28 +160,61 @@ def anchor_layout(p: AnchorProblem, pad: int) -> _Layout:
     tok_per_seq = torch.bincount(tf.rows, minlength=n_rw).float()
     seq_per_req = torch.bincount(p.rewrite_request, minlength=p.n).float()
     row_req = torch.cat([p.rewrite_request, torch.arange(p.n)])
+    kl_read = p.kl_decisive if subject else p.kl_last
     return _Layout(
         ids=ids, mask=mask, pos=pos, P=P, row_req=row_req, row_kl=torch.arange(B) >= n_rw,
-        row_last=torch.cat([p.rewrite_decisive, p.kl_last]) - torch.tensor(dec),
+        row_last=torch.cat([p.rewrite_decisive, kl_read]) - torch.tensor(dec),
         tok_row=tf.rows, tok_col=tf.positions + shift[tf.rows] - P, labels=tf.labels,
         tok_weight=1.0 / (tok_per_seq[tf.rows] * seq_per_req[row_req[tf.rows]]),
     )
 
 
+def _band(lay: _Layout, rows: torch.Tensor) -> _Layout:
+    """Rows ``rows`` of ``lay`` with the columns that are padding in all of them cut off (both sides)."""
+    mask = lay.mask[rows]
+    real = mask.any(0).nonzero()[:, 0]
+    c0, c1 = int(real.min()), int(real.max()) + 1  # the decisive column P is real in every row
+    new_index = torch.full((lay.ids.shape[0],), -1, dtype=torch.long)
+    new_index[rows] = torch.arange(len(rows))
+    keep = new_index[lay.tok_row] >= 0
+    return _Layout(ids=lay.ids[rows, c0:c1], mask=mask[:, c0:c1], pos=lay.pos[rows, c0:c1], P=lay.P - c0,
+                   row_req=lay.row_req[rows], row_kl=lay.row_kl[rows], row_last=lay.row_last[rows],
+                   tok_row=new_index[lay.tok_row[keep]], tok_col=lay.tok_col[keep], labels=lay.labels[keep],
+                   tok_weight=lay.tok_weight[keep])
+
+
+def anchor_bands(p: AnchorProblem, pad: int, kl_position: str) -> list[_Layout]:
+    """The layouts replayed separately: one for all rows (``"last"``), else rewrite rows and KL rows.
+
+    With ``"subject"`` a KL row is read at its decisive token, suffix column 0: its band is one column
+    wide instead of the rewrite rows' suffix width.
+    """
+    lay = anchor_layout(p, pad, kl_position)
+    if kl_position != "subject":
+        return [lay]
+    rows = torch.arange(lay.ids.shape[0])
+    return [_band(lay, rows[~lay.row_kl]), _band(lay, rows[lay.row_kl])]
+
+
 class _SuffixReplay:
     """Blocks ``layer+1 ..`` on the suffix columns, with the constant prefix keys/values cached.
 
-    Two no-grad passes set it up: the full batch (reference logits, h_layer, the prefix cache) and the
+    Two no-grad passes set it up: the full batch (reference output, h_layer, the prefix cache) and the
     suffix alone on that cache, recording every upper block's arguments. Each call resets the cache to
     the prefix and replays the upper blocks on a given suffix residual.
     """
 
     def __init__(self, adapter: ArchitectureAdapter, layer: int, lay: _Layout):
         self.adapter, self.layer = adapter, layer
+        last = adapter.n_layers - 1
+        # the reference is the last block's output; the LM head is applied at the read positions only
+        # (over all B x W positions it cost ~2.5 optimisation steps): logits for one column suffice
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(adapter.model.forward).parameters else {}
         with torch.no_grad(), Trace(adapter) as tr:
             tr.capture_block(layer)
-            out = tr.run(input_ids=lay.ids, attention_mask=lay.mask, position_ids=lay.pos, use_cache=True)
-        self.ref_logits = out.logits[:, lay.P:]  # [B, W-P, V]
+            tr.capture_block(last)
+            out = tr.run(input_ids=lay.ids, attention_mask=lay.mask, position_ids=lay.pos, use_cache=True, **keep)
+        self.ref_h: torch.Tensor | None = tr.blocks[last][:, lay.P:]  # [B, W-P, d]
         self.h = tr.blocks[layer][:, lay.P:]  # [B, W-P, d]
         self.cache = output_cache(out)
         self.prefix = [(c.keys[:, :, : lay.P], c.values[:, :, : lay.P]) for c in self.cache.layers]
@@ -188,7 +260,7 @@ def _adam(delta, grad, m, v, step, lr, b1=0.9, b2=0.999, eps=1e-8):
 def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorProblem], layer: int,
                      cfg: AnchorConfig, pad: int, progress=None,
                      on_step: Callable[[int, int, int], None] | None = None) -> Anchors:
-    """Optimise one delta per request at ``layer``; ``chunks`` are consecutive groups of requests.
+    """Optimise one delta per request at ``layer``; returned in request order (``AnchorProblem.requests``).
 
     ``on_step(chunk_index, step, converged)``: called after every optimisation step (progress display).
     """
@@ -199,11 +271,16 @@ def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorPro
         parts.append(_optimize_chunk(model, adapter, chunk, layer, cfg, pad, step_cb))
         if progress is not None:
             progress.update(chunk.n)
+    # chunks may hold requests in any order (sorted by suffix length): back to the caller's order
+    order = torch.cat([torch.arange(c.n) + sum(x.n for x in chunks[:i]) if c.requests is None else c.requests
+                       for i, c in enumerate(chunks)])
+    inv = torch.argsort(order)
     # anchors are small ([n, d]) and meet CPU-side residuals in the targets: returned on CPU, fp32
-    cat = lambda name: torch.cat([getattr(p, name).cpu() for p in parts])  # noqa: E731
+    cat = lambda name: torch.cat([getattr(p, name).cpu() for p in parts])[inv]  # noqa: E731
     return Anchors(layer, cat("z"), cat("h"), cat("delta"), cat("nll_start"), cat("nll_end"), cat("steps"),
                    time.perf_counter() - start, sum(p.flops for p in parts),
-                   {"replay": all(p.extra["replay"] for p in parts)})
+                   {"replay": all(p.extra["replay"] for p in parts),
+                    "setup_seconds": sum(p.extra["setup_seconds"] for p in parts)}, norm=cat("norm"), site=cfg.site)
 
 
 def _subset_rows(obj: Any, keep: torch.Tensor, batch: int) -> Any:
@@ -219,44 +296,113 @@ def _subset_rows(obj: Any, keep: torch.Tensor, batch: int) -> Any:
     return obj
 
 
+class _Band:
+    """One layout's rows at the anchor layer: the suffix residual, its replay (or None: full passes)."""
+
+    def __init__(self, adapter: ArchitectureAdapter, layer: int, lay: _Layout):
+        self.adapter, self.layer, self.P = adapter, layer, lay.P
+        dev = adapter.input_device  # token ids go to the embedding; bookkeeping follows h_layer (below)
+        self.ids, self.mask, self.pos = lay.ids.to(dev), lay.mask.to(dev), lay.pos.to(dev)
+        self.replay = None
+        ok = False
+        try:
+            self.replay = _SuffixReplay(adapter, layer, _Layout(**{**lay.__dict__, "ids": self.ids, "mask": self.mask,
+                                                                   "pos": self.pos}))
+            with torch.no_grad():  # the replay must reproduce the real forward at every read position
+                rows = torch.cat([lay.tok_row, lay.row_kl.nonzero()[:, 0]])
+                cols = torch.cat([lay.tok_col, lay.row_last[lay.row_kl]])
+                ref = adapter.unembed(_at(self.replay.ref_h, rows, cols)).float()
+                got = adapter.unembed(_at(self.replay(self.replay.h), rows, cols)).float().to(ref.device)
+                tol = max(1e-3, 8 * torch.finfo(self.replay.h.dtype).eps)  # bf16/fp16: a few roundings differ
+                ok = bool(torch.allclose(got, ref, rtol=tol, atol=tol * (1 + ref.abs().max().item())))
+            self.h = self.replay.h
+            self.replay.ref_h = None
+        except (AttributeError, TypeError, ValueError, RuntimeError):  # no reusable per-layer key/value cache
+            ok = False
+        if not ok:
+            self.replay = None
+            with torch.no_grad(), Trace(adapter) as tr:
+                tr.capture_block(layer)
+                tr.stop_after(layer)
+                tr.run(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos)
+            self.h = tr.blocks[layer][:, lay.P:]
+        # bookkeeping lives on h_layer's device
+        d = self.h.device
+        self.row_req, self.row_kl, self.row_last = lay.row_req.to(d), lay.row_kl.to(d), lay.row_last.to(d)
+        self.tok_row, self.tok_col = lay.tok_row.to(d), lay.tok_col.to(d)
+        self.labels, self.tok_weight = lay.labels.to(d), lay.tok_weight.to(d)
+
+    def subset(self, active: torch.Tensor) -> None:
+        """Drop the rows of requests that are no longer ``active`` (and the captured block arguments' rows)."""
+        keep = active[self.row_req]
+        new_index = torch.cumsum(keep.long(), 0) - 1
+        kept_tok = keep[self.tok_row]
+        self.tok_row, self.tok_col = new_index[self.tok_row[kept_tok]], self.tok_col[kept_tok]
+        self.labels, self.tok_weight = self.labels[kept_tok], self.tok_weight[kept_tok]
+        keep_in = keep.to(self.ids.device)
+        self.ids, self.mask, self.pos, self.h = self.ids[keep_in], self.mask[keep_in], self.pos[keep_in], self.h[keep]
+        self.row_req, self.row_last, self.row_kl = self.row_req[keep], self.row_last[keep], self.row_kl[keep]
+        if self.replay is not None:
+            self.replay.subset(keep)
+
+    def logits(self, dl: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[m, V]`` at this band's target positions and ``[k, V]`` at its KL rows' read positions."""
+        device = self.h.device
+        rows = torch.arange(self.ids.shape[0], device=device)
+        kl_rows = rows[self.row_kl]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            if self.replay is not None:
+                first = self.h[:, :1] + dl[self.row_req][:, None].to(self.h.dtype)
+                h = self.replay(torch.cat([first, self.h[:, 1:]], 1))  # [B, W-P, d]
+                rows_all = torch.cat([self.tok_row, kl_rows])
+                cols_all = torch.cat([self.tok_col, self.row_last[kl_rows]])
+                logits = self.adapter.unembed(_at(h, rows_all, cols_all)).float().to(device)  # [m+k, V]
+            else:
+                with Trace(self.adapter, detach=False) as tr:
+                    tr.add_to_block(self.layer, (rows, torch.full_like(rows, self.P)), dl[self.row_req])
+                    out = tr.run(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos)
+                logits = _at(out.logits, torch.cat([self.tok_row, kl_rows]),
+                             torch.cat([self.tok_col, self.row_last[kl_rows]]) + self.P).float().to(device)
+        m = len(self.tok_row)
+        return logits[:m], logits[m:]
+
+    def flops(self, n_params_above: int, head: int) -> float:
+        """Forward + input-gradient backward = 4 FLOPs per weight per token (no weight gradients)."""
+        tokens = self.ids.shape[0] * (self.ids.shape[1] - self.P if self.replay is not None else self.ids.shape[1])
+        return 4 * tokens * n_params_above + 4 * (len(self.tok_row) + int(self.row_kl.sum())) * head
+
+
+@torch.no_grad()
+def mlp_output_norm(adapter: ArchitectureAdapter, layer: int, ids: torch.Tensor, mask: torch.Tensor,
+                    pos: torch.Tensor, col: int) -> torch.Tensor:
+    """``||mlp_out_layer||`` [rows] at column ``col`` of every row (ROME's ``target_init`` norm)."""
+    dev = adapter.input_device
+    rows = torch.arange(ids.shape[0])
+    with Trace(adapter) as tr:
+        tr.capture_key_output(layer, (rows, torch.full_like(rows, col)))
+        tr.stop_after(layer)
+        tr.run(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev))
+    return tr.key_outputs[layer].float().norm(dim=-1)
+
+
 def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer: int, cfg: AnchorConfig,
                     pad: int, on_step: Callable[[int, int], None] | None = None) -> Anchors:
-    device = adapter.input_device  # token ids go to the embedding; bookkeeping follows h_layer (below)
     n, d = p.n, adapter.d_model
-    lay = anchor_layout(p, pad)
-    ids, mask, pos, P = lay.ids.to(device), lay.mask.to(device), lay.pos.to(device), lay.P
-    row_req, row_kl, row_last = lay.row_req.to(device), lay.row_kl.to(device), lay.row_last.to(device)
-    tok_row, tok_col, labels = lay.tok_row.to(device), lay.tok_col.to(device), lay.labels.to(device)
-    tok_weight = lay.tok_weight.to(device)
-
-    replay = None
-    try:
-        replay = _SuffixReplay(adapter, layer, _Layout(**{**lay.__dict__, "ids": ids, "mask": mask, "pos": pos}))
-        with torch.no_grad():  # the replay must reproduce the real forward, else use full passes
-            ref = _at(replay.ref_logits, tok_row, tok_col).float()
-            got = adapter.unembed(_at(replay(replay.h), tok_row, tok_col)).float().to(ref.device)
-            tol = max(1e-3, 8 * torch.finfo(replay.h.dtype).eps)  # bf16/fp16: a few roundings differ
-            ok = bool(torch.allclose(got, ref, rtol=tol, atol=tol * (1 + ref.abs().max().item())))
-        h_suffix = replay.h
-        replay.ref_logits = None
-    except (AttributeError, TypeError, ValueError, RuntimeError):  # no reusable per-layer key/value cache
-        ok = False
-    if not ok:
-        replay = None
-        with torch.no_grad(), Trace(adapter) as tr:
-            tr.capture_block(layer)
-            tr.stop_after(layer)
-            tr.run(input_ids=ids, attention_mask=mask, position_ids=pos)
-        h_suffix = tr.blocks[layer][:, P:]
+    t0 = time.perf_counter()
+    lays = anchor_bands(p, pad, cfg.kl_position)
+    bands = [_Band(adapter, layer, lay) for lay in lays]
     # delta, its optimiser state and the per-request loss live on h_layer's device, in fp32 whatever
     # the model's dtype (the loss is computed from fp32 logits); delta is cast to h's dtype when added
-    device = h_suffix.device
-    row_req, row_kl, row_last = row_req.to(device), row_kl.to(device), row_last.to(device)
-    tok_row, tok_col, labels, tok_weight = tok_row.to(device), tok_col.to(device), labels.to(device), \
-        tok_weight.to(device)
-    bare = p.bare_rows.to(device)
-    h0 = h_suffix[bare, 0].float()  # [n, d]: the decisive token is suffix column 0 in every row
-    max_norm = cfg.clamp_norm_factor * h0.norm(dim=-1)  # [n]
+    device = bands[0].h.device
+    bare = p.bare_rows.to(device)  # rewrite rows come first in band 0, in the problem's row order
+    h0 = bands[0].h[bare, 0].float()  # [n, d]: the decisive token is suffix column 0 in every row
+    if cfg.site == "mlp":  # ROME compute_v: clamp and decay relative to the MLP output at the decisive token
+        b = p.bare_rows
+        norm = mlp_output_norm(adapter, layer, lays[0].ids[b], lays[0].mask[b], lays[0].pos[b], lays[0].P).to(device)
+    else:
+        norm = h0.norm(dim=-1)  # [n]
+    max_norm = cfg.clamp_norm_factor * norm  # [n]
+    setup = time.perf_counter() - t0
 
     delta = torch.zeros(n, d, device=device)
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)
@@ -272,49 +418,30 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
 
     for it in range(cfg.steps):
         if int(active.sum()) <= 0.6 * int(present.sum()):
-            # enough requests converged: drop their rows (and the captured block arguments' rows)
-            keep = active[row_req]
-            new_index = torch.cumsum(keep.long(), 0) - 1
-            kept_tok = keep[tok_row]
-            tok_row, tok_col = new_index[tok_row[kept_tok]], tok_col[kept_tok]
-            labels, tok_weight = labels[kept_tok], tok_weight[kept_tok]
-            keep_in = keep.to(ids.device)
-            ids, mask, pos, h_suffix = ids[keep_in], mask[keep_in], pos[keep_in], h_suffix[keep]
-            row_req, row_last, row_kl = row_req[keep], row_last[keep], row_kl[keep]
-            if replay is not None:
-                replay.subset(keep)
+            for band in bands:  # enough requests converged: drop their rows
+                band.subset(active)
             present = active.clone()
         dl = delta.clone().requires_grad_(True)
-        rows = torch.arange(ids.shape[0], device=device)
-        kl_rows = rows[row_kl]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-            if replay is not None:
-                first = h_suffix[:, :1] + dl[row_req][:, None].to(h_suffix.dtype)
-                h = replay(torch.cat([first, h_suffix[:, 1:]], 1))  # [B, W-P, d]
-                logits_t = adapter.unembed(_at(h, tok_row, tok_col)).float().to(device)  # [m, V]
-                logits_kl = adapter.unembed(_at(h, kl_rows, row_last[kl_rows])).float().to(device)  # [k, V]
-            else:
-                with Trace(adapter, detach=False) as tr:
-                    tr.add_to_block(layer, (rows, torch.full_like(rows, P)), dl[row_req])
-                    out = tr.run(input_ids=ids, attention_mask=mask, position_ids=pos)
-                logits_t = _at(out.logits, tok_row, tok_col + P).float().to(device)
-                logits_kl = _at(out.logits, kl_rows, row_last[kl_rows] + P).float().to(device)
-        tok_nll = -torch.log_softmax(logits_t, -1).gather(1, labels[:, None])[:, 0]  # [m]
-        nll = torch.zeros(n, device=device).index_add(0, row_req[tok_row], tok_nll * tok_weight)  # [n]
-        kl_logp = torch.log_softmax(logits_kl, -1)  # [k, V], k = requests present
-        kl_req = row_req[kl_rows]
+        nll = torch.zeros(n, device=device)
+        kl_logp, kl_req = [], []
+        for band in bands:
+            logits_t, logits_kl = band.logits(dl, cfg.autocast_bf16)
+            tok_nll = -torch.log_softmax(logits_t, -1).gather(1, band.labels[:, None])[:, 0]  # [m]
+            nll = nll.index_add(0, band.row_req[band.tok_row], tok_nll * band.tok_weight)  # [n]
+            kl_logp.append(torch.log_softmax(logits_kl, -1))  # [k, V]
+            kl_req.append(band.row_req[band.row_kl])
+            flops += band.flops(n_params_above, head)
+        kl_lp, kl_r = torch.cat(kl_logp), torch.cat(kl_req)  # KL rows of the requests present, in request order
         if it == 0:
-            kl_init = kl_logp.detach().clone()  # [n, V]: all requests are present at step 0
+            kl_init = kl_lp.detach().clone()  # [n, V]: all requests are present at step 0
             nll_start = nll.detach().clone()
         kl = torch.zeros(n, device=device).index_add(
-            0, kl_req, (kl_logp.exp() * (kl_logp - kl_init[kl_req])).sum(-1))  # KL(p_delta || p_0), [n]
-        wd = dl.norm(dim=-1) / h0.norm(dim=-1) ** 2
+            0, kl_r, (kl_lp.exp() * (kl_lp - kl_init[kl_r])).sum(-1))  # KL(p_delta || p_0), [n]
+        wd = dl.norm(dim=-1) / norm ** 2
         loss_each = nll + cfg.kl_factor * kl + cfg.weight_decay * wd
         nll_last = torch.where(active, nll.detach(), nll_last)
-        # forward + input-gradient backward = 4 FLOPs per weight per token (no weight gradients)
-        tokens = ids.shape[0] * (ids.shape[1] - P if replay is not None else ids.shape[1])
-        flops += 4 * tokens * n_params_above + 4 * (len(tok_row) + len(kl_rows)) * head
-        active &= nll.detach() >= cfg.early_stop_nll
+        stop_loss = loss_each if cfg.stop_on == "total" else nll  # reference: the total loss < 5e-2
+        active &= stop_loss.detach() >= cfg.early_stop
         if on_step is not None:
             on_step(it + 1, n - int(active.sum()))
         if not bool(active.any()) or it == cfg.steps - 1:
@@ -329,4 +456,5 @@ def _optimize_chunk(model, adapter: ArchitectureAdapter, p: AnchorProblem, layer
             norms = delta.norm(dim=-1)
             delta = delta * torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), 1.0)[:, None]
     return Anchors(layer, (h0 + delta).detach(), h0.detach(), delta.detach(), nll_start, nll_last,
-                   step, flops=flops, extra={"replay": replay is not None})
+                   step, flops=flops, norm=norm.detach(), site=cfg.site,
+                   extra={"replay": all(b.replay is not None for b in bands), "setup_seconds": setup})
