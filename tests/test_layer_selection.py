@@ -235,6 +235,12 @@ def test_auto_verified_decision_is_cached_and_summarised(tiny_tok, monkeypatch):
     # another targets construction is another decision
     with pytest.raises(AssertionError, match="recomputed"):
         resolve_auto(model, tiny_tok, "rome", targets="backward", proxy=PROXY, stats=stats)
+    # so is the same request after a default changed (solver, anchor settings or key weighting)
+    import kedit.templates
+
+    monkeypatch.setattr(kedit.templates, "DEFAULT_KEY_WEIGHTING", "flat")
+    with pytest.raises(AssertionError, match="recomputed"):
+        resolve_auto(model, tiny_tok, "rome", proxy=PROXY, stats=stats)
 
 
 def test_cli_edit_layers_auto_prints_its_decision(tiny_tok, tmp_path, capsys):

@@ -31,7 +31,7 @@ from kedit.progress import bar
 from kedit.requests import EditRequest, check_batch
 from kedit.solvers import LayerProblem, make_solver, with_hparams, work_dtype
 from kedit.targets import make_targets
-from kedit.templates import check_key_weighting, context_templates, template_weights
+from kedit.templates import DEFAULT_KEY_WEIGHTING, check_key_weighting, context_templates, template_weights
 from kedit.tokens import check_limits, pad_id
 
 
@@ -131,7 +131,7 @@ class Editor:
     def __init__(self, model, tok, method: str | Any = "memit", targets: str | Any = "forward",
                  layers: list[int] | None = None, *, stats: Any = None, anchor: AnchorConfig | dict | None = None,
                  seed: int = 0, diagnostics: bool = True, verbose: bool = False,
-                 anchor_cache: dict | str | os.PathLike | None = None, key_weighting: str = "grouped",
+                 anchor_cache: dict | str | os.PathLike | None = None, key_weighting: str = DEFAULT_KEY_WEIGHTING,
                  **hparams: Any):
         self.model, self.tok = model, tok
         self.adapter = ArchitectureAdapter.from_model(model)

@@ -26,6 +26,7 @@ BARE = "{}"  # the bare prompt: the only template without a prefix
 #   the bare key weighs 1/2 and each prefixed one 1/(2(T-1)). The default.
 # "flat": the plain mean over all T templates (ROME's reference ``compute_u`` over its flat template list).
 KEY_WEIGHTINGS = ("grouped", "flat")
+DEFAULT_KEY_WEIGHTING = "grouped"  # the one default (Editor, CLI, template_weights)
 
 
 def check_key_weighting(key_weighting: str) -> str:
@@ -35,7 +36,7 @@ def check_key_weighting(key_weighting: str) -> str:
     return key_weighting
 
 
-def template_weights(templates: list[str], key_weighting: str = "grouped") -> torch.Tensor:
+def template_weights(templates: list[str], key_weighting: str = DEFAULT_KEY_WEIGHTING) -> torch.Tensor:
     """Weight of each template's key in a request's key ``[T]`` float64, summing to 1 (``KEY_WEIGHTINGS``).
 
     Groups follow from the list itself: the bare ``"{}"`` and the prefixed templates; an absent group (e.g. a

@@ -209,9 +209,9 @@ def add_editor_args(p: argparse.ArgumentParser, *, allow_none: bool = False, tok
     add_stats_args(p, tokens=tokens)
     add_anchor_args(p)
     add_seed_arg(p)
-    from kedit.templates import KEY_WEIGHTINGS
+    from kedit.templates import DEFAULT_KEY_WEIGHTING, KEY_WEIGHTINGS
 
-    p.add_argument("--key-weighting", choices=KEY_WEIGHTINGS, default="grouped",
+    p.add_argument("--key-weighting", choices=KEY_WEIGHTINGS, default=DEFAULT_KEY_WEIGHTING,
                    help="how a request's context-template keys are averaged: grouped (MEMIT's reference: bare "
                         "prompt 1/2, prefixed templates the other 1/2) or flat (plain mean) (default: grouped)")
     p.add_argument("--diagnostics", action="store_true",

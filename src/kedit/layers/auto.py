@@ -76,6 +76,18 @@ def _selector(strategy: str, method: str, targets: str, window: int, stats: Any,
     raise BadRequest(f"unknown --layers auto strategy {strategy!r}; choose one of {', '.join(AUTO_STRATEGIES)}")
 
 
+def _editor_defaults(method: str) -> dict[str, Any]:
+    """The defaults a decision was made under (solver hyperparameters, anchor settings, key weighting): part of
+    the cache key, so a decision made before a default changed is not reused after it."""
+    from kedit.editor import describe
+    from kedit.optimize import AnchorConfig
+    from kedit.solvers import make_solver
+    from kedit.templates import DEFAULT_KEY_WEIGHTING
+
+    return {"solver": describe(make_solver(method)), "anchor": describe(AnchorConfig()),
+            "key_weighting": DEFAULT_KEY_WEIGHTING}
+
+
 def resolve_auto(model: torch.nn.Module, tok: Any, method: str = "rome", targets: str = "forward",
                  window: int | None = None, proxy: Sequence[EditRequest] | None = None, strategy: str = "verified",
                  stats: Any = None, cache: bool = True, editor_kwargs: dict[str, Any] | None = None
@@ -100,7 +112,7 @@ def resolve_auto(model: torch.nn.Module, tok: Any, method: str = "rome", targets
                 if f.name not in ("stats", "signal_proxy")}
     spec = {"fingerprint": model_fingerprint(model), "method": method, "targets": targets, "window": window,
             "strategy": strategy, "selector": settings, "stats": None if isinstance(stats, dict) else repr(stats),
-            "proxy_digest": proxy_digest(proxy)}
+            "proxy_digest": proxy_digest(proxy), "defaults": _editor_defaults(method)}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = kedit_home() / "layers" / f"{digest}.json"
     if cache and path.is_file():
