@@ -47,7 +47,7 @@ for t in ("backward", "forward"):
          "batch", {}, {}, {}),
     ]
 ROWS += [
-    ("rome_before", "rome", "before (block site, clamp 4||h||, numerator z - h_bare, flat keys, old anchor loss)",
+    ("rome_before", "rome", "before (block site, clamp 4‖h‖, numerator z - h_bare, flat keys, old anchor loss)",
      "rome", "onelayer", "single", {"key_weighting": "flat"}, {**OLD_ANCHOR, "site": "block"}, {"numerator": "bare"}),
     ("rome_rrome", "rome", "+ r-ROME numerator v* - W k* (same anchors)", "rome", "onelayer", "single",
      {"key_weighting": "flat"}, {**OLD_ANCHOR, "site": "block"}, {}),
