@@ -56,3 +56,24 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows])
+
+
+class Recording:
+    """An Editor that keeps every applied edit's record (diagnostics, anchor/solve seconds); otherwise the Editor."""
+
+    def __init__(self, editor):
+        self.editor, self.records = editor, []
+
+    def apply(self, requests):
+        edit = self.editor.apply(requests)
+        self.records.append(edit.record)
+        return edit
+
+    def apply_each(self, requests, skip_failures=False):
+        for edit in self.editor.apply_each(requests, skip_failures=skip_failures):
+            if edit is not None:
+                self.records.append(edit.record)
+            yield edit
+
+    def __getattr__(self, name):
+        return getattr(self.editor, name)

@@ -7,7 +7,7 @@ over wikitext-2 (test split). zsRE uses the ROME/MEMIT target convention (answer
 invocation pre-edit scores are computed once per dataset and shared by its runs (same weights, same
 cases). ``--datasets`` / ``--runs`` select a part, so long runs can be spread over several
 invocations (each under the lock); ``--table-only`` rebuilds the table from the result folders.
-MEMIT runs already made by bench/compare_targets.py (same settings) are read from bench/results/compare/
+MEMIT runs already made by the former bench/compare_targets.py (same settings) are read from bench/results/compare/
 when this script has not made them itself. Writes bench/results/eval_<dataset>_<run>/ (summary.json,
 summary.md, cases.jsonl, plots), bench/results/eval_summary.json and bench/results/eval_table.md, and
 prints the table.
@@ -96,7 +96,7 @@ def write_table() -> int:
     """eval_table.md + eval_summary.json from every bench/results/eval_<dataset>_<run>/summary.json."""
     out: dict[str, dict] = {}
     for ds in ("counterfact", "zsre"):
-        for run in RUNS:  # this script's own runs, else the same batch run made by bench/compare_targets.py
+        for run in RUNS:  # this script's own runs, else the same batch run made by the former bench/compare_targets.py
             for f in (RESULTS / f"eval_{ds}_{run}" / "summary.json", RESULTS / "compare" / f"{ds}_batch_{run}" /
                       "summary.json"):
                 if f.is_file():

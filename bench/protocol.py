@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import CORPUS, DATA, RESULTS, machine, require_data  # bench/common.py
+from common import CORPUS, DATA, RESULTS, Recording, machine, require_data  # bench/common.py
 from protocol_outputs import COLUMNS, EXTRA_TARGETS, fmt_lam, write_json, write_outputs
 
 OUT = RESULTS / "protocol"
@@ -162,21 +162,6 @@ def make_editor(ctx: Ctx, solver: str, targets: str, lam: float | None):
     return Editor(ctx.setup.model, ctx.setup.tok, method=solver, targets=targets, layers=ctx.args.layers,
                   stats=ctx.setup.stats, seed=0, diagnostics=True, verbose=not ctx.args.quiet,
                   anchor_cache=ctx.anchor_cache, **lam_kwargs(solver, lam))
-
-
-class Recording:
-    """An Editor that keeps every applied edit's record (diagnostics, anchor/solve seconds)."""
-
-    def __init__(self, editor):
-        self.editor, self.records = editor, []
-
-    def apply(self, requests):
-        edit = self.editor.apply(requests)
-        self.records.append(edit.record)
-        return edit
-
-    def __getattr__(self, name):
-        return getattr(self.editor, name)
 
 
 def edit_seconds(record: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import json
 import sys
 import time
 
-from common import CORPUS, DATA, RESULTS, machine, metric_cell, require_data  # bench/common.py
+from common import CORPUS, DATA, RESULTS, Recording, machine, metric_cell, require_data  # bench/common.py
 
 OUT = RESULTS / "protocol" / "fixes"
 LAM = 15000.0
@@ -58,27 +58,6 @@ ROWS += [
 ]
 COLS = (("ES", "efficacy_score"), ("EA", "efficacy_acc"), ("PS", "paraphrase_score"), ("PA", "paraphrase_acc"),
         ("NS", "neighborhood_score"), ("S", "score"), ("KL", "neighborhood_kl"), ("top1", "top1_overlap"))
-
-
-class Recording:
-    """An Editor that keeps every applied edit's record; otherwise the Editor."""
-
-    def __init__(self, editor):
-        self.editor, self.records = editor, []
-
-    def apply(self, requests):
-        edit = self.editor.apply(requests)
-        self.records.append(edit.record)
-        return edit
-
-    def apply_each(self, requests, skip_failures=False):
-        for edit in self.editor.apply_each(requests, skip_failures=skip_failures):
-            if edit is not None:
-                self.records.append(edit.record)
-            yield edit
-
-    def __getattr__(self, name):
-        return getattr(self.editor, name)
 
 
 def run_rows(args: argparse.Namespace) -> None:
