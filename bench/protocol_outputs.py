@@ -65,7 +65,7 @@ def scaling_outputs(out: Path) -> tuple[list[str], dict[str, Any]]:
         ds, kind = folder.name, rows[0]["kind"]
         cols = COLUMNS[kind]
         header = ["n", "solver", "lam", "targets", *(c for c, _ in cols), "residual ratio per layer",
-                  "||Delta|| per layer", "anchors s", "solve s"]
+                  "‖Delta‖ per layer", "anchors s", "solve s"]
         body = [[r["n"], r["solver"], fmt_lam(r["lam"]), r["targets"], *(mean(r["metrics"].get(k)) for _, k in cols),
                  *_diag_cells(r)] for r in rows]
         pre = {k: (r["metrics"].get(k) or {}).get("pre") for r in rows[:1] for _, k in cols}
@@ -198,7 +198,7 @@ def compare_outputs(out: Path) -> tuple[list[str], dict[str, Any]]:
             if r is not None:
                 body.append([t["solver"], t["targets"], f"tuned: {fmt_lam(t['lam'])}",
                              *(mean(r["metrics"].get(k)) for _, k in cols), *_diag_cells(r)[:2]])
-        header = ["solver", "targets", "lam", *(c for c, _ in cols), "residual ratio per layer", "||Delta|| per layer"]
+        header = ["solver", "targets", "lam", *(c for c, _ in cols), "residual ratio per layer", "‖Delta‖ per layer"]
         d = rows[0]["data"]
         proxy = tuned[0]["tuned_on"] if tuned else None
         lines += [f"### {folder.name} (n={rows[0]['n']}, records {d['indices']})", "",
