@@ -26,7 +26,7 @@ from kedit.edit import Edit
 from kedit.errors import EditFailed, KeditError
 from kedit.hooks import Trace
 from kedit.models import device_map_summary, model_fingerprint, model_info
-from kedit.optimize import AnchorConfig, Anchors, optimize_anchors
+from kedit.optimize import AnchorConfig, Anchors, concat_anchors, optimize_anchors
 from kedit.progress import bar
 from kedit.requests import EditRequest, check_batch
 from kedit.solvers import LayerProblem, make_solver, with_hparams, work_dtype
@@ -93,11 +93,8 @@ def _distributed_anchors(editor: Editor, prep: TokenBatch, layer: int) -> Anchor
                                       pad_id(editor.tok)))
     cpu = [dataclasses.replace(a, **{k: getattr(a, k).cpu() for k in _ANCHOR_TENSORS}) for a in parts]
     gathered = [a for part in distributed.all_gather_object(cpu) for a in part]  # rank order = request order
-    cat = lambda name: torch.cat([getattr(a, name) for a in gathered])  # noqa: E731  (on CPU, as one process)
-    return Anchors(layer, cat("z"), cat("h"), cat("delta"), cat("nll_start"), cat("nll_end"), cat("steps"),
-                   max(a.seconds for a in gathered), sum(a.flops for a in gathered),
-                   {"replay": all(a.extra["replay"] for a in gathered), "world_size": distributed.world_size()},
-                   norm=cat("norm"), site=editor.anchor_cfg.site)
+    return concat_anchors(layer, gathered, max(a.seconds for a in gathered), editor.anchor_cfg.site,
+                          {"world_size": distributed.world_size()})
 
 
 class Editor:
@@ -155,7 +152,6 @@ class Editor:
         self.diagnostics = diagnostics
         self.verbose = verbose
         self.fingerprint = model_fingerprint(model)
-        self.anchor_cache = anchor_cache
         self._anchor_store = AnchorStore(anchor_cache) if anchor_cache is not None else None
         self.state: dict[int, dict] = {layer: {} for layer in self.layers}
         self._C: dict[int, torch.Tensor] = {}

@@ -274,13 +274,21 @@ def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorPro
     # chunks may hold requests in any order (sorted by suffix length): back to the caller's order
     order = torch.cat([torch.arange(c.n) + sum(x.n for x in chunks[:i]) if c.requests is None else c.requests
                        for i, c in enumerate(chunks)])
-    inv = torch.argsort(order)
-    # anchors are small ([n, d]) and meet CPU-side residuals in the targets: returned on CPU, fp32
-    cat = lambda name: torch.cat([getattr(p, name).cpu() for p in parts])[inv]  # noqa: E731
+    return concat_anchors(layer, parts, time.perf_counter() - start, cfg.site,
+                          {"setup_seconds": sum(p.extra["setup_seconds"] for p in parts)}, torch.argsort(order))
+
+
+def concat_anchors(layer: int, parts: list[Anchors], seconds: float, site: str, extra: dict[str, Any],
+                   rows: torch.Tensor | None = None) -> Anchors:
+    """``parts`` concatenated (then rows ``rows`` in that order), on CPU: anchors are small ([n, d]) and meet
+    CPU-side residuals in the targets. ``extra`` is added to the parts' combined ``replay`` flag."""
+    def cat(name: str) -> torch.Tensor:
+        x = torch.cat([getattr(p, name).cpu() for p in parts])
+        return x if rows is None else x[rows]
+
     return Anchors(layer, cat("z"), cat("h"), cat("delta"), cat("nll_start"), cat("nll_end"), cat("steps"),
-                   time.perf_counter() - start, sum(p.flops for p in parts),
-                   {"replay": all(p.extra["replay"] for p in parts),
-                    "setup_seconds": sum(p.extra["setup_seconds"] for p in parts)}, norm=cat("norm"), site=cfg.site)
+                   seconds, sum(p.flops for p in parts), {"replay": all(p.extra["replay"] for p in parts), **extra},
+                   norm=cat("norm"), site=site)
 
 
 def _subset_rows(obj: Any, keep: torch.Tensor, batch: int) -> Any:
