@@ -4,8 +4,10 @@
 
 Each run is one ``kedit eval`` command (run in-process through kedit.cli.main, so the command in
 summary.json is what a user would type): unedited, MEMIT backward and MEMIT forward with the same
-``--lam 15000``, batch editing (all rewrites of all cases in one MEMIT application), default layers,
-statistics over wikitext-2 (test split), ``--health`` on every run. The MQuAKE MEMIT-forward run is the
+``--lam 15000``, batch editing (all rewrites of all cases in one MEMIT application) and per case
+(``*_single``: each case's rewrites as one batch, weights restored in between; anchors reused from the
+batch run through ``--anchor-cache``), default layers, statistics over wikitext-2 (test split),
+``--health`` on every batch run. The MQuAKE MEMIT-forward run is the
 issue's "done when" command (plus ``--corpus`` and ``--lam``). Portability uses zsRE's EasyEdit target
 convention (``--zsre-target alt``): the portability questions are written around ``alt``. Writes
 bench/results/mquake_<run>/ and bench/results/portability_<run>/ (summary.json, summary.md, cases.jsonl,
@@ -29,7 +31,11 @@ CORPUS = DATA / "wikitext-2-raw" / "wiki.test.raw"
 LAM = "15000"
 RUNS = {"none": ["--method", "none"],
         "memit_backward": ["--method", "memit", "--targets", "backward", "--lam", LAM],
-        "memit_forward": ["--method", "memit", "--targets", "forward", "--lam", LAM]}
+        "memit_forward": ["--method", "memit", "--targets", "forward", "--lam", LAM],
+        # per case (MQuAKE: each case's rewrites as one batch, restored before the next case); the anchors
+        # come from the batch run's cache, so run the batch run first
+        "memit_backward_single": ["--method", "memit", "--targets", "backward", "--lam", LAM, "--single"],
+        "memit_forward_single": ["--method", "memit", "--targets", "forward", "--lam", LAM, "--single"]}
 MQUAKE_KEYS = ("edit_wise_score", "edit_wise_acc", "multihop_acc", "multihop_old_acc", "multihop_score",
                "hopwise_acc", "health_perplexity", "health_top1_agreement", "health_kl")
 PORT_KEYS = ("efficacy_token_acc", "generalization_token_acc", "specificity_agreement", "portability_token_acc",
@@ -41,8 +47,18 @@ def command(dataset: str, run: str, n: int) -> list[str]:
     spec = {"mquake": ["--dataset", f"mquake:{DATA / 'mquake_cf3k_akew_subset354.json'}"],
             "portability": ["--dataset", f"zsre:{DATA / 'zsre_mend_eval_portability_gpt4.json'}",
                             "--zsre-target", "alt"]}[dataset]
-    return ["eval", *spec, *RUNS[run], "--n", str(n), "--health", "--corpus", str(CORPUS),
+    # health after every single edit would cost one health measurement per case: batch runs only
+    health = [] if "--single" in RUNS[run] else ["--health"]
+    cache = [] if run == "none" else ["--anchor-cache", str(anchor_dir())]
+    return ["eval", *spec, *RUNS[run], "--n", str(n), *health, *cache, "--corpus", str(CORPUS),
             "--out", str(RESULTS / f"{dataset}_{run}")]
+
+
+def anchor_dir() -> Path:
+    """Per-request anchors shared by the batch and the per-case runs (and bench/protocol.py)."""
+    from kedit.models import kedit_home
+
+    return kedit_home() / "anchors"
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -103,7 +119,8 @@ def write_table() -> int:
     lines = ["# kedit eval beyond the edited sentence (SmolLM2-135M, CPU)", "",
              f"Machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores (shared with other jobs), "
              f"torch threads {info.get('torch_threads', '?')}.",
-             f"Cells: mean [95% bootstrap CI]; batch editing; MEMIT lam {LAM} for both targets; `none` = unedited "
+             f"Cells: mean [95% bootstrap CI]; batch editing (`*_single`: per case); MEMIT lam {LAM} for both targets; "
+             "`none` = unedited "
              "(= pre-edit values). Commands: config.command in each run's summary.json.", ""]
     for ds, keys in (("mquake", MQUAKE_KEYS), ("portability", PORT_KEYS)):
         if ds in out:

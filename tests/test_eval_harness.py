@@ -97,9 +97,12 @@ def test_zsre_metrics_both_specificity_labels(bigram):
 
 
 def test_protocols_log_restore_and_agree(bigram):
+    from kedit.eval import protocol
+
     model, tok = bigram
     before = model.table.detach().clone()
     cases = [_cf_case(i) for i in range(4)]
+    protocol._PRE_CACHE.clear()  # another test may have scored these cases on this model
     ev = Evaluator(model, tok)
     ed = FakeEditor(model, W["in"], W["Antarctica"], 1.5)
     seq = ev.run(cases, ed, mode="sequential", batch_size=2, eval_every_batch=True)
@@ -113,6 +116,15 @@ def test_protocols_log_restore_and_agree(bigram):
     assert ed.log == ["reset"] + [("apply", 1), "undo"] * 4 + ["reset"]  # anchors batched, each edit undone
     assert single.summary["efficacy_score"]["mean"] == 0.0  # each edit alone is too weak
     assert single.timings["pre_eval_cached"] and not seq.timings["pre_eval_cached"]  # same weights, same cases
+    # shared across evaluators of the process (one eval per method), keyed by the weights' content
+    assert Evaluator(model, tok).run(cases, ed, mode="single").timings["pre_eval_cached"]
+    assert not Evaluator(model, tok, multihop_tokens=3).run(cases, ed, mode="single").timings["pre_eval_cached"]
+    with torch.no_grad():
+        model.table[0, 0] += 1.0
+    assert not Evaluator(model, tok).run(cases, None).timings["pre_eval_cached"]
+    with torch.no_grad():
+        model.table[0, 0] -= 1.0
+    ed.log.clear()
     none = ev.run(cases, None)
     assert none.config["editor"] == {"method": "none"} and none.summary["neighborhood_kl"]["mean"] == 0.0
     assert none.summary["efficacy_score"]["mean"] == none.summary["efficacy_score"]["pre"]["mean"]

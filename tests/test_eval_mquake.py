@@ -278,3 +278,35 @@ def test_cli_health_flags_need_health(tmp_path, capsys):
 
     assert main(["eval", "--model", "x", "--method", "none", "--dataset", "mquake:x", "--health-corpus", "c"]) == 2
     assert "--health-corpus / --health-tokens need --health" in capsys.readouterr().err
+
+
+def test_cli_anchor_cache_feeds_the_per_case_run(tmp_path, tiny_tok, capsys):
+    """A batch run's anchors (--anchor-cache DIR) are reused by the per-case run on the same cases."""
+    from conftest import SHARED, make_tiny
+
+    from kedit.cli import main
+
+    data = SHARED / "mquake_cf3k_akew_subset354.json"
+    if not data.is_file():
+        pytest.skip("shared MQuAKE data not present")
+    model_dir = tmp_path / "tiny"
+    make_tiny("llama", tiny_tok).save_pretrained(model_dir)
+    tiny_tok.save_pretrained(model_dir)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The capital of France is Paris. Water boils at one hundred degrees.\n" * 30)
+    cache = tmp_path / "anchors"
+    base = ["eval", "--model", str(model_dir), "--method", "memit", "--dataset", f"mquake:{data}", "--n", "2",
+            "--offset", "1", "--tokens", "1000", "--corpus", str(corpus), "--multihop-tokens", "2", "--no-plots",
+            "--anchor-cache", str(cache)]
+    assert main([*base, "--out", str(tmp_path / "batch")]) == 0
+    first = capsys.readouterr().err
+    stored = sorted(cache.glob("anchor-*.safetensors"))
+    assert "0 reused, 3 to optimise" in first and len(stored) == 3  # cases 1 and 2: 2 + 1 rewrites
+    assert main([*base, "--single", "--out", str(tmp_path / "single")]) == 0
+    second = capsys.readouterr().err
+    assert "2 reused, 0 to optimise" in second and "1 reused, 0 to optimise" in second
+    assert " 1 to optimise" not in second and " 2 to optimise" not in second
+    assert sorted(cache.glob("anchor-*.safetensors")) == stored
+    # a file where the directory should be: one line, exit 2, before any work
+    assert main([*base[:-1], str(corpus), "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0

@@ -196,6 +196,10 @@ def add_anchor_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=positive_float, default=None,
                    help="anchor optimisation learning rate (default: 0.5 below 2B parameters, else 0.1)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for the anchor optimisation (default: off)")
+    g.add_argument("--anchor-cache", default=None, metavar="DIR",
+                   help="keep each request's optimised anchors in DIR and reuse them when the weights, request, "
+                        "layer, templates and anchor settings match (e.g. a per-case run after a batch run) "
+                        "(default: none)")
 
 
 def add_seed_arg(p: argparse.ArgumentParser) -> None:
@@ -249,10 +253,10 @@ def validate(args: argparse.Namespace) -> None:
         if isinstance(value, int | float) and not isinstance(value, bool) and not value > 0:
             raise UsageError(f"--{name.replace('_', '-')}: must be > 0, got {value}")
     # "any": the command decides whether it writes a file or a directory there
-    for flag, kind in (("save", "file"), ("out", "any"), ("export", "any"), ("png", "file")):
+    for flag, kind in (("save", "file"), ("out", "any"), ("export", "any"), ("png", "file"), ("anchor_cache", "dir")):
         value = getattr(args, flag, None)
         if isinstance(value, str | Path) and value:
-            check_writable(Path(value), kind, f"--{flag}")
+            check_writable(Path(value), kind, f"--{flag.replace('_', '-')}")
 
 
 def check_device(device: str) -> None:
@@ -463,7 +467,7 @@ def make_editor(args: argparse.Namespace, model, tok, verbose: bool = True):
         layers = decision.layers
     return Editor(model, tok, method=args.method, targets=args.targets, layers=layers, stats=stats_spec(args),
                   anchor=anchor_overrides(args), seed=args.seed, verbose=verbose, key_weighting=args.key_weighting,
-                  **solver_hparams(args))
+                  anchor_cache=getattr(args, "anchor_cache", None), **solver_hparams(args))
 
 
 # -- printing ---------------------------------------------------------------------------------------------------

@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda m: print(f"[kedit] {m}", file=sys.stderr, flush=True)) if show else (lambda m: None)
     anchor = anchor_overrides(args)
     editor_kwargs: dict[str, Any] = {"anchor": anchor, **solver_hparams(args)}
+    if args.anchor_cache:  # brute force and the verified selector reuse anchors across runs
+        editor_kwargs["anchor_cache"] = args.anchor_cache
     variants = parse_variants(args.lga_variants)
     lga_proxy, convention = [c.request for c in proxy], "dataset target_true (old) and target_new (new)"
     if args.lga_model_answer:

@@ -53,7 +53,6 @@ class Evaluator:
         self.scorer = Scorer(model, tok, max_tokens=max_tokens, padding_side=padding_side)
         self.fluency, self.fluency_prompts, self.fluency_length = fluency, fluency_prompts, fluency_length
         self.seed, self.n_boot, self.chunk, self.progress = seed, n_boot, chunk, progress
-        self.pre_cache: tuple[tuple, list[Snapshot]] | None = None  # (key, pre-edit snapshots), see protocol
         self.generation_s = 0.0  # seconds spent generating (part of the eval phases' time)
         self.multihop_tokens, self.health = multihop_tokens, health
 

@@ -16,11 +16,17 @@ from kedit.eval import metrics as M
 from kedit.eval.datasets import EvalCase, filled_prompt
 from kedit.eval.results import EditorLike, Report, Snapshot, case_metrics, entry, summarize
 from kedit.models import model_fingerprint
+from kedit.stats import tokenizer_identity
 
 if TYPE_CHECKING:  # the Evaluator is passed in; importing kedit.eval.harness here would be a cycle
     from kedit.eval.harness import Evaluator
 
 MODES = ("batch", "sequential", "single")
+
+# The latest pre-edit snapshots, shared by every Evaluator of the process (kedit compare-style scripts run
+# one eval per method on the same cases): keyed by everything they depend on; one entry bounds the memory
+# (next-token distributions are [V] per prompt).
+_PRE_CACHE: dict[tuple, list[Snapshot]] = {}
 
 
 def _record(case: EvalCase) -> dict[str, Any]:
@@ -63,12 +69,14 @@ def run_protocol(ev: Evaluator, cases: list[EvalCase], editor: EditorLike | None
                   "revision": getattr(ev.model, "kedit_revision", None), "fingerprint": model_fingerprint(ev.model),
                   "dtype": str(param.dtype).removeprefix("torch."), "device": str(param.device)}
     t_start, gen0 = time.perf_counter(), ev.generation_s
-    # pre-edit scores depend only on the weights and the cases: reuse them across editors (same fingerprint)
-    key = (model_info["fingerprint"], tuple(cases), ev.fluency, ev.fluency_prompts, ev.fluency_length,
-           ev.multihop_tokens)
-    cached = ev.pre_cache is not None and ev.pre_cache[0] == key
-    pre = ev.pre_cache[1] if cached else ev.measure(cases)
-    ev.pre_cache = (key, pre)  # only the latest: bounds memory (next-token dists are [V] per prompt)
+    # pre-edit scores depend only on the weights, the tokenizer, the cases and the scoring settings: reuse
+    # them across editors and evaluators (same content fingerprint)
+    key = (model_info["fingerprint"], tokenizer_identity(ev.tok), tuple(cases), ev.scorer.padding_side,
+           ev.fluency, ev.fluency_prompts, ev.fluency_length, ev.seed, ev.multihop_tokens)
+    cached = key in _PRE_CACHE
+    pre = _PRE_CACHE[key] if cached else ev.measure(cases)
+    _PRE_CACHE.clear()
+    _PRE_CACHE[key] = pre
     timings = {"pre_eval_s": time.perf_counter() - t_start, "edit_s": 0.0, "post_eval_s": 0.0, "health_s": 0.0}
     idf = ev.idf(cases)
     post: list[Snapshot] = []
