@@ -233,6 +233,11 @@ def write_outputs(out: Path) -> int:
         if part:
             (out / f"{name}.md").write_text("\n".join(part))
     info = _any_machine(out)
+    # the answer is written by a person from the tables (answer.md beside them); regenerating keeps it
+    answer_file = out / "answer.md"
+    answer = (answer_file.read_text().strip() if answer_file.is_file() else
+              "_Not written yet: put the per-solver answer (does forward beat backward, by how much, at which "
+              "batch sizes, inside or outside the CIs?) in answer.md beside this file._")
     write_json(out / "protocol.json", {"machine": info, "scaling": sc_slim, "sequential": sq_slim,
                                        "compare": cp_slim}, indent=1, default=str)
     readme = [
@@ -247,9 +252,7 @@ def write_outputs(out: Path) -> int:
         "after every batch; a lam grid plus a lam tuned on a disjoint proxy set. "
         + (f"Machine: {info.get('cpu')}, {info.get('cores')} cores, torch {info.get('torch')}, "
            f"{info.get('torch_threads')} threads, load average at start {info.get('loadavg_start')}." if info else ""),
-        "", "## Answer per solver", "", "<!-- LEAD: write the per-solver answer here (memit, alphaedit, emmet, "
-        "prune, rect): does forward beat backward, by how much, at which batch sizes, and is the difference "
-        "inside the CIs? -->", "", "_To be written by the lead after the run._", "",
+        "", "## Answer per solver", "", answer, "",
         "## Scaling (one batch edit per size)", "", *(sc or ["Not run yet."]), "",
         "## Sequential editing (state carried across batches)", "", *(sq or ["Not run yet."]), "",
         "## lam grid and tuned lam", "", *(cp or ["Not run yet."]), "",
