@@ -299,6 +299,7 @@ def run_sequential(ctx: Ctx) -> None:
         originals = {l: ad.w_out_storage(l).detach().clone() for l in editor.layers}
         ckpt_path = d / "checkpoint.pt"
         ckpt = {"batches": [], "w_out": {}, "state": None}
+        editor.templates  # noqa: B018 (sampled now, from the unedited weights, as in an uninterrupted run)
         if ckpt_path.is_file():  # resume: the edited weights and the solver state after the last finished batch
             # our own file (written below), holding dicts of tensors and numbers only
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)

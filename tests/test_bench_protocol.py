@@ -126,7 +126,7 @@ def test_protocol_end_to_end_and_resume(tmp_path, files, tiny_tok, monkeypatch):
                  "scaling-counterfact-diagnostics.png", "sequential-forgetting.png", "sequential-health.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     readme = (out / "README.md").read_text()
-    assert "LEAD: write the per-solver answer" in readme and "a different model" in readme
+    assert "Not written yet: put the per-solver answer" in readme and "a different model" in readme
     assert "](scaling-counterfact-efficacy.png)" in readme and "| 4 | memit | 15000 | forward |" in readme
     assert "tuned: " in (out / "compare.md").read_text()
 
@@ -134,10 +134,10 @@ def test_protocol_end_to_end_and_resume(tmp_path, files, tiny_tok, monkeypatch):
     from kedit.editor import Editor
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
-    monkeypatch.setattr(Editor, "apply", lambda *a, **k: pytest.fail("finished work was redone"))
-    assert mod.main([*ARGS, "--out", str(out)], setup=setup) == 0
+    with monkeypatch.context() as m:  # (a bare undo() would also drop conftest's temporary KEDIT_HOME)
+        m.setattr(Editor, "apply", lambda *a, **k: pytest.fail("finished work was redone"))
+        assert mod.main([*ARGS, "--out", str(out)], setup=setup) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name != "protocol.json")
-    monkeypatch.undo()
 
 
 def test_sequential_resumes_from_the_last_checkpoint(tmp_path, files, tiny_tok, monkeypatch):
@@ -153,14 +153,14 @@ def test_sequential_resumes_from_the_last_checkpoint(tmp_path, files, tiny_tok, 
         self.stopped = len(calls) > 1
         return not self.stopped
 
-    monkeypatch.setattr(mod.Ctx, "time_left", budget)
     part = tmp_path / "part"
-    assert mod.main([*args, "--out", str(part)], setup=setup) == 0
+    with monkeypatch.context() as m:  # (a bare undo() would also drop conftest's temporary KEDIT_HOME)
+        m.setattr(mod.Ctx, "time_left", budget)
+        assert mod.main([*args, "--out", str(part)], setup=setup) == 0
     d = part / "sequential" / "alphaedit_forward"
     assert (d / "checkpoint.pt").is_file() and not (d / "result.json").exists()
     assert len(json.loads((d / "progress.json").read_text())) == 1
     assert model_fingerprint(setup.model) == fp  # stopped runs restore the model too
-    monkeypatch.undo()
     assert mod.main([*args, "--out", str(part)], setup=setup) == 0  # continues at batch 2
     whole = json.loads((tmp_path / "whole" / "sequential" / "alphaedit_forward" / "result.json").read_text())
     resumed = json.loads((d / "result.json").read_text())
@@ -178,3 +178,7 @@ def test_sequential_resumes_from_the_last_checkpoint(tmp_path, files, tiny_tok, 
     assert mod.main(["--table-only", "--out", str(part)]) == 0
     assert all((part / f).is_file() for f in ("README.md", "sequential.md", "sequential-forgetting.png"))
     assert "alphaedit | forward | - | 2 |" in (part / "README.md").read_text()  # no lam: "-", 2 batches
+    (part / "answer.md").write_text("Forward keeps the first batch better.\n")  # the person's answer is kept
+    assert mod.main(["--table-only", "--out", str(part)]) == 0
+    readme = (part / "README.md").read_text()
+    assert "## Answer per solver\n\nForward keeps the first batch better.\n" in readme and "Not written" not in readme

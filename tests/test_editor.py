@@ -322,3 +322,31 @@ def test_hparams_with_an_object_method_are_applied_and_checked(tiny_llama, tiny_
         Editor(tiny_llama, tiny_tok, method=AlphaEdit(), layers=[1, 2], lam=3.0)
     with pytest.raises(ValueError, match="valid: .*'L2'"):
         Editor(tiny_llama, tiny_tok, method="alphaedit", layers=[1, 2], lam=3.0)
+
+
+
+def test_templates_sampled_after_an_edit_are_not_cached_as_the_unedited_models(tiny_tok, tmp_path, monkeypatch):
+    """An editor built before the weights changed samples its templates from the weights as they are then,
+    and caches them under those weights, never under the fingerprint it was built with."""
+    from kedit.templates import context_templates
+
+    model = make_tiny("llama", tiny_tok)
+    w = ArchitectureAdapter.from_model(model).w_out_storage(1)
+    original = w.detach().clone()
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "reference"))  # references sampled in a home of their own
+    unedited = context_templates(model, tiny_tok, seed=0)
+    with torch.no_grad():
+        w.mul_(3.0)
+    edited = context_templates(model, tiny_tok, seed=0)
+    with torch.no_grad():
+        w.copy_(original)
+    assert edited != unedited  # the edit changes what the model samples
+
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
+    late = Editor(model, tiny_tok, layers=[1, 2], stats=_identity_stats(model, [1, 2]))  # built, nothing sampled
+    with torch.no_grad():
+        w.mul_(3.0)
+    assert late.templates == edited  # sampled by the weights as they are
+    with torch.no_grad():
+        w.copy_(original)
+    assert Editor(model, tiny_tok, layers=[1, 2], stats=_identity_stats(model, [1, 2])).templates == unedited

@@ -163,7 +163,9 @@ class Editor:
     def templates(self) -> list[str]:
         if self._templates is None:
             t0 = time.perf_counter()
-            self._templates = context_templates(self.model, self.tok, seed=self.seed, fingerprint=self.fingerprint)
+            # keyed by the weights that sample them now (not self.fingerprint: the model may have been edited
+            # since this editor was built, and those templates must not be cached as the unedited model's)
+            self._templates = context_templates(self.model, self.tok, seed=self.seed)
             self.timings["templates"] = time.perf_counter() - t0
         return self._templates
 
