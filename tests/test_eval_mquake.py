@@ -239,11 +239,9 @@ def test_health_in_sequential_mode_after_every_batch(bigram, tmp_path):
 
 
 # -- CLI ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method, extra", [("none", ["--health-corpus", "CORPUS"]), ("memit", ["--single"])])
-def test_cli_mquake_with_health_on_tiny_model(tmp_path, tiny_tok, capsys, method, extra):
+def _cli_files(tmp_path, tiny_tok):
+    """(MQuAKE file, saved tiny Llama folder, statistics corpus); skips without the shared data."""
     from conftest import SHARED, make_tiny
-
-    from kedit.cli import main
 
     data = SHARED / "mquake_cf3k_akew_subset354.json"
     if not data.is_file():
@@ -253,6 +251,14 @@ def test_cli_mquake_with_health_on_tiny_model(tmp_path, tiny_tok, capsys, method
     tiny_tok.save_pretrained(model_dir)
     corpus = tmp_path / "c.txt"
     corpus.write_text("The capital of France is Paris. Water boils at one hundred degrees.\n" * 30)
+    return data, model_dir, corpus
+
+
+@pytest.mark.parametrize("method, extra", [("none", ["--health-corpus", "CORPUS"]), ("memit", ["--single"])])
+def test_cli_mquake_with_health_on_tiny_model(tmp_path, tiny_tok, capsys, method, extra):
+    from kedit.cli import main
+
+    data, model_dir, corpus = _cli_files(tmp_path, tiny_tok)
     out = tmp_path / "run"
     extra = [str(corpus) if a == "CORPUS" else a for a in extra]
     rc = main(["eval", "--model", str(model_dir), "--method", method, "--dataset", f"mquake:{data}", "--n", "2",
@@ -282,18 +288,9 @@ def test_cli_health_flags_need_health(tmp_path, capsys):
 
 def test_cli_anchor_cache_feeds_the_per_case_run(tmp_path, tiny_tok, capsys):
     """A batch run's anchors (--anchor-cache DIR) are reused by the per-case run on the same cases."""
-    from conftest import SHARED, make_tiny
-
     from kedit.cli import main
 
-    data = SHARED / "mquake_cf3k_akew_subset354.json"
-    if not data.is_file():
-        pytest.skip("shared MQuAKE data not present")
-    model_dir = tmp_path / "tiny"
-    make_tiny("llama", tiny_tok).save_pretrained(model_dir)
-    tiny_tok.save_pretrained(model_dir)
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("The capital of France is Paris. Water boils at one hundred degrees.\n" * 30)
+    data, model_dir, corpus = _cli_files(tmp_path, tiny_tok)
     cache = tmp_path / "anchors"
     base = ["eval", "--model", str(model_dir), "--method", "memit", "--dataset", f"mquake:{data}", "--n", "2",
             "--offset", "1", "--tokens", "1000", "--corpus", str(corpus), "--multihop-tokens", "2", "--no-plots",
