@@ -19,6 +19,14 @@ RESULTS = ROOT / "bench" / "results"
 CORPUS = DATA / "wikitext-2-raw" / "wiki.test.raw"  # the statistics corpus of every benchmark
 
 
+def anchor_dir() -> Path:
+    """The per-request anchor cache every benchmark shares (kedit's verified directory cache, content-keyed):
+    runs resume without re-optimising and reuse each other's anchors (protocol, reference fixes, multihop)."""
+    from kedit.models import kedit_home
+
+    return kedit_home() / "anchors"
+
+
 def require_data(*paths: Path) -> None:
     """Exit with a one-line 'skipped' note (status 0) if any of ``paths`` is absent: benchmarks need ../shared/data."""
     missing = [str(p) for p in paths if not Path(p).exists()]

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine  # bench/common.py (scripts run as bench/<name>.py)
+from common import anchor_dir, machine  # bench/common.py (scripts run as bench/<name>.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # never copied into the repo
@@ -53,12 +53,6 @@ def command(dataset: str, run: str, n: int) -> list[str]:
     return ["eval", *spec, *RUNS[run], "--n", str(n), *health, *cache, "--corpus", str(CORPUS),
             "--out", str(RESULTS / f"{dataset}_{run}")]
 
-
-def anchor_dir() -> Path:
-    """Per-request anchors shared by the batch and the per-case runs (and bench/protocol.py)."""
-    from kedit.models import kedit_home
-
-    return kedit_home() / "anchors"
 
 
 def run_all(args: argparse.Namespace) -> None:

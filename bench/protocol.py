@@ -19,7 +19,7 @@ SmolLM2-135M, the editor's default layers (4-8), second moments over wikitext-2 
     --proxy-n records of the file, never in the reported slice).
 Every row states its solver's lam, passed explicitly (the same for every construction; solvers without
 a preservation weight say "-"). Anchors do not depend on the solver or lam: editors share one anchor
-cache (ANCHOR_CACHE), so each construction optimises once per request set and layer.
+cache (common.anchor_dir), so each construction optimises once per request set and layer.
 Finished rows are kept (delete a JSON to redo it); --minutes stops cleanly before the budget and a
 second call continues. Every JSON records the machine, command, versions, data slice and hyperparameters.
 Results: bench/results/protocol/{scaling,sequential,compare}/, tables *.md, plots *.png, README.md
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import CORPUS, DATA, RESULTS, Recording, machine, require_data  # bench/common.py
+from common import CORPUS, DATA, RESULTS, Recording, anchor_dir, machine, require_data  # bench/common.py
 from protocol_outputs import COLUMNS, EXTRA_TARGETS, fmt_lam, write_json, write_outputs
 
 OUT = RESULTS / "protocol"
@@ -51,14 +51,6 @@ ZSRE_CONVENTIONS = {"zsre-answers": "answers", "zsre-alt": "alt"}  # answers[0] 
 # default rates (SmolLM2-135M, 2 CPU cores) for the cost estimate until finished rows give measured ones
 DEFAULT_RATES = {"anchor_s_per_request": 1.0, "eval_s_per_record": 0.05, "solve_s_per_layer": 2.0,
                  "health_s": 20.0}
-
-
-def ANCHOR_CACHE(out: Path) -> dict | Path:  # noqa: N802  (the one place that decides the cache kind)
-    """The anchor cache every editor shares: kedit's per-request directory cache (content-keyed, verified), so
-    runs resume without re-optimising and bench/reference_fixes.py's anchors are reused (``out`` unused)."""
-    from kedit.models import kedit_home
-
-    return kedit_home() / "anchors"
 
 
 def kind_of(ds: str) -> str:
@@ -547,7 +539,7 @@ def main(argv: Sequence[str] | None = None, setup: Setup | None = None) -> int:
         torch.set_num_threads(args.threads)
     setup = setup or default_setup(args)
     rates, source = measured_rates(out)
-    ctx = Ctx(args, setup, out, ANCHOR_CACHE(out), time.time() + 60 * args.minutes, rates, machine())
+    ctx = Ctx(args, setup, out, anchor_dir(), time.time() + 60 * args.minutes, rates, machine())
     est = estimate(ctx)
     print("[protocol] cost estimate (" + source + "): " + "; ".join(
         f"{mode} {n} runs ~{s / 60:.1f} min" for mode, (n, s) in est.items())

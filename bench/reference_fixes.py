@@ -26,7 +26,7 @@ import json
 import sys
 import time
 
-from common import CORPUS, DATA, RESULTS, Recording, machine, metric_cell, require_data  # bench/common.py
+from common import CORPUS, DATA, RESULTS, Recording, anchor_dir, machine, metric_cell, require_data  # bench/common.py
 
 OUT = RESULTS / "protocol" / "fixes"
 LAM = 15000.0
@@ -65,7 +65,7 @@ def run_rows(args: argparse.Namespace) -> None:
     from kedit.editor import Editor
     from kedit.eval import Evaluator, load_dataset
     from kedit.eval.report import write
-    from kedit.models import kedit_home, load_model
+    from kedit.models import load_model
     from kedit.stats import StatsSpec
 
     info = machine()
@@ -73,7 +73,7 @@ def run_rows(args: argparse.Namespace) -> None:
     stats = StatsSpec(corpus=str(CORPUS))
     data = load_dataset(f"counterfact:{DATA / 'counterfact_subset500.json'}", n=args.n)
     ev = Evaluator(model, tok, fluency=False, seed=0, progress=True)
-    cache = kedit_home() / "anchors"
+    cache = anchor_dir()
     t_run = time.perf_counter()
     for name, group, fix, method, targets, mode, kw, anchor, hp in ROWS:
         out = OUT / name

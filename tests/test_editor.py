@@ -324,7 +324,6 @@ def test_hparams_with_an_object_method_are_applied_and_checked(tiny_llama, tiny_
         Editor(tiny_llama, tiny_tok, method="alphaedit", layers=[1, 2], lam=3.0)
 
 
-
 def test_templates_sampled_after_an_edit_are_not_cached_as_the_unedited_models(tiny_tok, tmp_path, monkeypatch):
     """An editor built before the weights changed samples its templates from the weights as they are then,
     and caches them under those weights, never under the fingerprint it was built with."""
