@@ -69,13 +69,26 @@ def test_grouped_keys_equal_the_hand_weighted_mean(tiny_llama, tiny_tok):
     editor = Editor(tiny_llama, tiny_tok, layers=[1, 2], stats=_stats(tiny_llama, [1, 2]), anchor=FAST)
     T = len(editor.templates)
     assert T > 2 and editor.templates[0] == "{}" and editor.key_weighting == "grouped"
-    prep = TokenBatch(tiny_tok, REQS, editor.templates, 8)
-    per_row = _keys_row_by_row(editor, prep, 1).view(len(REQS), T, -1)  # [n, T, f]
-    bare_out: dict[int, torch.Tensor] = {}
-    keys, _ = editor._read(prep, [1], [], bare_keys=bare_out)
-    hand = 0.5 * per_row[:, 0] + 0.5 * per_row[:, 1:].mean(1)  # [n, f]: within the groups, then over them
-    torch.testing.assert_close(keys[1], hand, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(bare_out[1].double(), per_row[:, 0], rtol=1e-5, atol=1e-6)
+    reqs = [*REQS, EditRequest("{} is", "Rome", "Milan", "Lazio")]
+    bare_len = TokenBatch(tiny_tok, reqs, editor.templates, 8).key_mask.sum(1)[::T]
+    reqs = [reqs[i] for i in torch.argsort(-bare_len, stable=True)]  # longest bare prompt first
+    prep = TokenBatch(tiny_tok, reqs, editor.templates, 8)
+    per_row = _keys_row_by_row(editor, prep, 1).view(len(reqs), T, -1)  # [n, T, f]
+    lengths = prep.key_mask.sum(1)
+    assert lengths[prep.bare_rows][0] > lengths[prep.bare_rows][-1]  # _read (length-sorted) reorders bare rows
+    bare_h = []  # each bare prompt's block-2 output at its decisive token, from its own pass
+    for r in prep.bare_rows.tolist():
+        with Trace(editor.adapter) as tr:
+            tr.capture_block(2, (torch.arange(1), prep.key_decisive[r:r + 1]))
+            tr.run(input_ids=prep.key_ids[r:r + 1, :int(lengths[r])])
+        bare_h.append(tr.blocks[2][0])
+    for chunk in (256, 3):  # one chunk, and chunks that split the length-sorted rows
+        bare_out: dict[int, torch.Tensor] = {}
+        keys, hidden = editor._read(prep, [1], [2], chunk=chunk, bare_keys=bare_out)
+        hand = 0.5 * per_row[:, 0] + 0.5 * per_row[:, 1:].mean(1)  # [n, f]: within the groups, then over them
+        torch.testing.assert_close(keys[1], hand, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bare_out[1].double(), per_row[:, 0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hidden[2], torch.stack(bare_h), rtol=1e-4, atol=1e-5)  # in request order
     flat = Editor(tiny_llama, tiny_tok, layers=[1, 2], key_weighting="flat")
     flat_keys, _ = flat._read(prep, [1], [])
     torch.testing.assert_close(flat_keys[1], per_row.mean(1), rtol=1e-5, atol=1e-6)

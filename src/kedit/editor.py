@@ -239,6 +239,9 @@ class Editor:
         weights = template_weights(self.templates, self.key_weighting) if key_layers else None  # [T]
         hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
         rows = torch.arange(prep.key_ids.shape[0]) if key_layers else prep.bare_rows
+        # rows by length, so that a chunk pads little (CounterFact, 6 templates: 34% of the cells were padding)
+        rows = rows[torch.argsort(prep.key_mask[rows].sum(1), stable=True)]
+        bare_req: list[torch.Tensor] = []  # request of each bare row, in the order the chunks met them
         for lo in range(0, len(rows), chunk):
             sl = rows[lo:lo + chunk]
             width = int(prep.key_mask[sl].sum(1).max())
@@ -252,6 +255,7 @@ class Editor:
                 tr.run(input_ids=prep.key_ids[sl, :width].to(device),
                        attention_mask=prep.key_mask[sl, :width].to(device))
             bare = (sl % prep.T) == 0  # row i*T is request i's bare prompt
+            bare_req.append(prep.key_request[sl][bare])
             for layer in key_layers:
                 acc = keys[layer]
                 k = tr.keys[layer].to(device=acc.device, dtype=acc.dtype)  # [m, f]
@@ -262,9 +266,14 @@ class Editor:
             for layer in hidden_layers:
                 h = tr.blocks[layer]
                 hidden[layer].append(h[bare.to(h.device)].float().cpu())
+        order = torch.argsort(torch.cat(bare_req))  # bare rows back to request order
+
+        def in_request_order(parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(parts)[order]
+
         if bare_keys is not None:
-            bare_keys.update({k: torch.cat(v) for k, v in bare_parts.items()})
-        return ({k: v.cpu() for k, v in keys.items()}, {k: torch.cat(v) for k, v in hidden.items()})
+            bare_keys.update({k: in_request_order(v) for k, v in bare_parts.items()})
+        return ({k: v.cpu() for k, v in keys.items()}, {k: in_request_order(v) for k, v in hidden.items()})
 
     @torch.no_grad()
     def _replay(self, prep: TokenBatch, layer: int, z: torch.Tensor, read_layers: list[int]) -> dict[int, torch.Tensor]:
