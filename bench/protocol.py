@@ -49,7 +49,7 @@ SOLVERS = {"scaling": ("memit", "alphaedit", "emmet"), "sequential": ("memit", "
            "compare": ("memit", "alphaedit", "emmet", "prune", "rect")}
 ZSRE_CONVENTIONS = {"zsre-answers": "answers", "zsre-alt": "alt"}  # answers[0] = ROME/MEMIT, alt = EasyEdit
 # default rates (SmolLM2-135M, 2 CPU cores) for the cost estimate until finished rows give measured ones
-DEFAULT_RATES = {"anchor_s_per_request": 1.0, "eval_s_per_record": 0.05, "solve_s_per_layer": 2.0,
+DEFAULT_RATES = {"anchor_s_per_request": 1.0, "eval_s_per_record": 0.05, "solve_s_per_request_layer": 0.07,
                  "health_s": 20.0}
 
 
@@ -112,8 +112,8 @@ class Ctx:
         if time.time() + need_s <= self.deadline:
             return True
         if not self.stopped:
-            print(f"[protocol] --minutes {self.args.minutes} would be exceeded; stopping cleanly, run again "
-                  "to continue", file=sys.stderr, flush=True)
+            print(f"[protocol] --minutes {self.args.minutes} would be exceeded; running only what still fits, "
+                  "run again to continue", file=sys.stderr, flush=True)
         self.stopped = True
         return False
 
@@ -211,7 +211,7 @@ def estimate_edit(ctx: Ctx, n: int, targets: str, anchors_cached: bool) -> float
     r = ctx.rates
     layers = len(ctx.args.layers) if ctx.args.layers else 5
     anchor = 0.0 if anchors_cached else n * r["anchor_s_per_request"] * (2 if targets == "blue" else 1)
-    return anchor + layers * r["solve_s_per_layer"] + 2 * n * r["eval_s_per_record"]
+    return anchor + layers * n * r["solve_s_per_request_layer"] + 2 * n * r["eval_s_per_record"]
 
 
 # -- scaling ------------------------------------------------------------------------------------------------
@@ -228,21 +228,25 @@ def scaling_units(args: argparse.Namespace) -> list[tuple[str, int, str, str]]:
     return units
 
 
+def anchor_key(ds: str, size: int, targets: str) -> tuple:
+    """Units with one key optimise the same anchors (onelayer edits at the last layer, like backward)."""
+    return ds, size, "last" if targets in ("backward", "onelayer") else targets
+
+
 def run_scaling(ctx: Ctx) -> None:
-    seen: set[tuple] = set()
-    for ds, size, solver, targets in scaling_units(ctx.args):
-        path = ctx.out / "scaling" / ds / f"n{size}_{solver}_{targets}.json"
-        anchor_key = (ds, size, "last" if targets in ("backward", "onelayer") else targets)
+    units = [(u, ctx.out / "scaling" / u[0] / f"n{u[1]}_{u[2]}_{u[3]}.json") for u in scaling_units(ctx.args)]
+    seen = {anchor_key(ds, size, t) for (ds, size, _, t), path in units if path.is_file()}  # in the anchor cache
+    for (ds, size, solver, targets), path in units:
         if path.is_file():
             continue
-        if not ctx.time_left(estimate_edit(ctx, size, targets, anchor_key in seen)):
-            return
+        if not ctx.time_left(estimate_edit(ctx, size, targets, anchor_key(ds, size, targets) in seen)):
+            continue  # a later unit (anchors already optimised) may still fit
         data = ctx.dataset(ds, n=size)
         log(ctx, f"scaling {ds} n={size} {solver}/{targets}")
         row = batch_row(ctx, ds, data, data.cases, solver, targets, ctx.args.lam,
                         {"mode": "scaling", "nested": "first N records of the file (sets nested across sizes)"})
         write_json(path, row)
-        seen.add(anchor_key)
+        seen.add(anchor_key(ds, size, targets))
 
 
 # -- sequential ------------------------------------------------------------------------------------------------
@@ -436,11 +440,11 @@ def measured_rates(out: Path) -> tuple[dict[str, float], str]:
         if s.get("anchors_optimised") and s.get("anchors_s"):
             anchor.append(s["anchors_s"] / s["anchors_optimised"])
         evals.append((s["pre_eval_s"] + s["post_eval_s"]) / (2 * n))
-        solve.append(s["solve_s"] / max(1, len(r.get("diagnostics") or [1])))
+        solve.append(s["solve_s"] / (n * max(1, len(r.get("diagnostics") or [1]))))
     if not evals:
         return dict(DEFAULT_RATES), "default guesses for SmolLM2-135M on 2 CPU cores"
     rates = dict(DEFAULT_RATES)
-    rates.update(eval_s_per_record=statistics.median(evals), solve_s_per_layer=statistics.median(solve))
+    rates.update(eval_s_per_record=statistics.median(evals), solve_s_per_request_layer=statistics.median(solve))
     if anchor:
         rates["anchor_s_per_request"] = statistics.median(anchor)
     return rates, f"measured on {len(evals)} finished rows"
@@ -452,7 +456,7 @@ def estimate(ctx: Ctx) -> dict[str, Any]:
     if "scaling" in a.modes:
         seen, total, n = set(), 0.0, 0
         for ds, size, solver, targets in scaling_units(a):
-            key = (ds, size, "last" if targets in ("backward", "onelayer") else targets)
+            key = anchor_key(ds, size, targets)
             if not (ctx.out / "scaling" / ds / f"n{size}_{solver}_{targets}.json").is_file():
                 total += estimate_edit(ctx, size, targets, key in seen)
                 n += 1

@@ -182,3 +182,37 @@ def test_sequential_resumes_from_the_last_checkpoint(tmp_path, files, tiny_tok, 
     assert mod.main(["--table-only", "--out", str(part)]) == 0
     readme = (part / "README.md").read_text()
     assert "## Answer per solver\n\nForward keeps the first batch better.\n" in readme and "Not written" not in readme
+
+
+def test_scaling_runs_what_still_fits_and_counts_finished_rows_anchors_as_cached(tmp_path, files, tiny_tok,
+                                                                                monkeypatch):
+    mod = _load()
+    setup = _setup(mod, files, tiny_tok)
+    out = tmp_path / "protocol"
+    args = ["--modes", "scaling", "--layers", "1,2", "--sizes", "2", "--datasets", "counterfact", "--solvers",
+            "memit,alphaedit", "--targets", "backward,forward", "--quiet", "--out", str(out)]
+    needs = []
+
+    def first_unit_does_not_fit(self, need_s=0.0):
+        needs.append(need_s)
+        return len(needs) != 1
+
+    with monkeypatch.context() as m:
+        m.setattr(mod.Ctx, "time_left", first_unit_does_not_fit)
+        assert mod.main(args, setup=setup) == 0
+    assert {p.name for p in (out / "scaling" / "counterfact").glob("*.json")} == {
+        "n2_memit_forward.json", "n2_alphaedit_backward.json", "n2_alphaedit_forward.json"}  # later units ran
+
+    seen = []
+
+    def record(self, need_s=0.0):  # memit/backward's anchors are alphaedit/backward's: in the cache now
+        seen.append((need_s, mod.estimate_edit(self, 2, "backward", True), mod.estimate_edit(self, 2, "backward",
+                                                                                             False)))
+        return True
+
+    with monkeypatch.context() as m:
+        m.setattr(mod.Ctx, "time_left", record)
+        assert mod.main(args, setup=setup) == 0
+    (need, cached, fresh), = seen
+    assert need == cached < fresh
+    assert (out / "scaling" / "counterfact" / "n2_memit_backward.json").is_file()
