@@ -87,7 +87,7 @@ def test_grouped_keys_equal_the_hand_weighted_mean(tiny_llama, tiny_tok):
         keys, hidden = editor._read(prep, [1], [2], chunk=chunk, bare_keys=bare_out)
         hand = 0.5 * per_row[:, 0] + 0.5 * per_row[:, 1:].mean(1)  # [n, f]: within the groups, then over them
         torch.testing.assert_close(keys[1], hand, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bare_out[1].double(), per_row[:, 0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bare_out[1].double(), per_row[:, 0], rtol=1e-4, atol=1e-5)  # fp32, other padding
         torch.testing.assert_close(hidden[2], torch.stack(bare_h), rtol=1e-4, atol=1e-5)  # in request order
     flat = Editor(tiny_llama, tiny_tok, layers=[1, 2], key_weighting="flat")
     flat_keys, _ = flat._read(prep, [1], [])
