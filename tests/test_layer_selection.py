@@ -162,7 +162,9 @@ def test_verified_finds_planted_layer_from_the_shortlist(tiny_tok, monkeypatch):
     assert choice.details["stability"]["fraction"] == 1.0
     cost = choice.details["cost"]
     assert cost["edits"] == 6 and cost["brute_force_edits"] == len(PROXY) * a.n_layers
-    assert cost["brute_force_seconds_estimate"] > 0
+    assert cost["brute_force_seconds_estimate"] > 0 and cost["stats_seconds"] >= 0
+    assert cost["fraction_of_brute_force"] == pytest.approx(
+        (cost["seconds"] - cost["stats_seconds"]) / cost["brute_force_seconds_estimate"])
     assert not model.get_output_embeddings()._forward_hooks  # every edit undone
 
 

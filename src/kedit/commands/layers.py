@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="resamples of the proxy set for the stability reports (0: off) (default: 200)")
     g.add_argument("--shortlist", type=positive_int, default=4, help="verified: windows really edited (default: 4)")
     g.add_argument("--edits", type=positive_int, default=None,
-                   help="verified: proxy requests edited per window (default: min(6, --proxy))")
+                   help="verified: proxy requests edited per window (default: min(5, --proxy))")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", required=True, help="KIND:PATH with KIND in counterfact, easyedit, zsre, kedit")
     g.add_argument("--zsre-target", choices=["answers", "alt"], default=None,

@@ -110,6 +110,7 @@ def resolve_auto(model: torch.nn.Module, tok: Any, method: str = "rome", targets
     # the stats themselves are not hashed (tensors): their spec is, below
     settings = {f.name: getattr(selector, f.name) for f in dataclasses.fields(selector)
                 if f.name not in ("stats", "signal_proxy")}
+    settings["default_edits"] = getattr(selector, "DEFAULT_EDITS", None)  # what edits=None stands for
     spec = {"fingerprint": model_fingerprint(model), "method": method, "targets": targets, "window": window,
             "strategy": strategy, "selector": settings, "stats": None if isinstance(stats, dict) else repr(stats),
             "proxy_digest": proxy_digest(proxy), "defaults": _editor_defaults(method)}

@@ -92,9 +92,10 @@ def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], w
     t0 = time.perf_counter()
     if not isinstance(stats, dict):
         stats = second_moments(model, tok, needed, stats or StatsSpec(), progress=False)
+    t1 = time.perf_counter()
     ev = evaluator or Evaluator(model, tok)
     pre = ev.measure(cases)
-    seconds = {"stats_and_pre": time.perf_counter() - t0, "anchors": 0.0, "edit": 0.0, "score": 0.0}
+    seconds = {"stats": t1 - t0, "pre": time.perf_counter() - t1, "anchors": 0.0, "edit": 0.0, "score": 0.0}
     requests = [c.request for c in cases]
     score = torch.full((len(cases), len(windows)), float("nan"), dtype=torch.float64)
     tie = torch.full_like(score, float("nan"))
@@ -136,7 +137,7 @@ def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], w
         parts = distributed.all_gather_object((found, failures, seconds))
         found = [x for part in parts for x in part[0]]
         failures = sum(part[1] for part in parts)
-        seconds = {k: seconds[k] if k == "stats_and_pre" else sum(part[2][k] for part in parts) for k in seconds}
+        seconds = {k: seconds[k] if k in ("stats", "pre") else sum(part[2][k] for part in parts) for k in seconds}
     for i, j, s, t in found:
         score[i, j], tie[i, j] = s, t
     return WindowScores([list(w) for w in windows], score, tie, keys, seconds, failures)
