@@ -27,6 +27,16 @@ def anchor_dir() -> Path:
     return kedit_home() / "anchors"
 
 
+def checkpoint_dir(out: Path) -> Path:
+    """Where a benchmark writing to ``out`` keeps its resume checkpoints: in kedit's cache, not the results
+    (weights and solver state, ~100 MB per unit), one folder per results folder; a finished unit deletes its own."""
+    import hashlib
+
+    from kedit.models import kedit_home
+
+    return kedit_home() / "bench-checkpoints" / hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+
+
 def require_data(*paths: Path) -> None:
     """Exit with a one-line 'skipped' note (status 0) if any of ``paths`` is absent: benchmarks need ../shared/data."""
     missing = [str(p) for p in paths if not Path(p).exists()]

@@ -12,8 +12,8 @@ SmolLM2-135M, the editor's default layers (4-8), second moments over wikitext-2 
     {backward, forward}, solver state carried by one Editor. After every batch: the first batch's
     efficacy again (forgetting), the current batch's, model health (perplexity on wikitext-2 valid, first
     20k tokens; top-1 agreement and KL on kedit's unrelated prompts); after the last: all 500 evaluated.
-    An atomic checkpoint after each batch (edited W_out, solver state, per-batch metrics) lets a killed
-    run continue from the last finished batch.
+    An atomic checkpoint after each batch (edited W_out, solver state, per-batch metrics; kept in kedit's
+    cache, common.checkpoint_dir, not in the results) lets a killed run continue from the last finished batch.
   * compare: every solver x {backward, forward} at each lam of a grid on the first --compare-n records,
     plus a "tuned" row per (solver, construction) whose lam maximises S on a disjoint proxy set (the last
     --proxy-n records of the file, never in the reported slice).
@@ -37,7 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import CORPUS, DATA, RESULTS, Recording, anchor_dir, machine, require_data  # bench/common.py
+from common import (  # bench/common.py
+    CORPUS,
+    DATA,
+    RESULTS,
+    Recording,
+    anchor_dir,
+    checkpoint_dir,
+    machine,
+    require_data,
+)
 from protocol_outputs import COLUMNS, EXTRA_TARGETS, fmt_lam, write_json, write_outputs
 
 OUT = RESULTS / "protocol"
@@ -293,7 +302,7 @@ def run_sequential(ctx: Ctx) -> None:
         editor = make_editor(ctx, solver, targets, args.lam)
         ad = editor.adapter
         originals = {l: ad.w_out_storage(l).detach().clone() for l in editor.layers}
-        ckpt_path = d / "checkpoint.pt"
+        ckpt_path = checkpoint_dir(ctx.out) / f"sequential_{solver}_{targets}.pt"
         ckpt = {"batches": [], "w_out": {}, "state": None}
         editor.templates  # noqa: B018 (sampled now, from the unedited weights, as in an uninterrupted run)
         if ckpt_path.is_file():  # resume: the edited weights and the solver state after the last finished batch
@@ -338,6 +347,7 @@ def run_sequential(ctx: Ctx) -> None:
                 "metrics": slim_summary(final, "counterfact"), "batches": ckpt["batches"],
                 "data": describe_data(data, len(cases)), "health": ctx.health.describe(),
                 "editor": {k: v for k, v in cfg.items() if k != "templates"}, **ctx.provenance()})
+            ckpt_path.unlink(missing_ok=True)  # result.json holds everything now
         finally:  # newest first, then the originals (a resumed run's earlier batches were written raw)
             for e in reversed(edits):
                 e.undo()

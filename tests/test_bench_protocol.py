@@ -158,14 +158,15 @@ def test_sequential_resumes_from_the_last_checkpoint(tmp_path, files, tiny_tok, 
         m.setattr(mod.Ctx, "time_left", budget)
         assert mod.main([*args, "--out", str(part)], setup=setup) == 0
     d = part / "sequential" / "alphaedit_forward"
-    assert (d / "checkpoint.pt").is_file() and not (d / "result.json").exists()
+    ckpt = mod.checkpoint_dir(part) / "sequential_alphaedit_forward.pt"
+    assert ckpt.is_file() and not (d / "result.json").exists() and not list(d.glob("*.pt"))
     assert len(json.loads((d / "progress.json").read_text())) == 1
     assert model_fingerprint(setup.model) == fp  # stopped runs restore the model too
     assert mod.main([*args, "--out", str(part)], setup=setup) == 0  # continues at batch 2
     whole = json.loads((tmp_path / "whole" / "sequential" / "alphaedit_forward" / "result.json").read_text())
     resumed = json.loads((d / "result.json").read_text())
     assert model_fingerprint(setup.model) == fp
-    assert [b["after_batch"] for b in resumed["batches"]] == [1, 2]
+    assert [b["after_batch"] for b in resumed["batches"]] == [1, 2] and not ckpt.exists()  # finished: deleted
     for a, b in zip(whole["batches"], resumed["batches"], strict=True):  # same weights and state after resume
         assert a["first_batch"] == pytest.approx(b["first_batch"], abs=1e-6)
         assert a["health"] == pytest.approx(b["health"], rel=1e-5)
