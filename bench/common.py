@@ -29,12 +29,15 @@ def anchor_dir() -> Path:
 
 def checkpoint_dir(out: Path) -> Path:
     """Where a benchmark writing to ``out`` keeps its resume checkpoints: in kedit's cache, not the results
-    (weights and solver state, ~100 MB per unit), one folder per results folder; a finished unit deletes its own."""
+    (weights and solver state, ~100 MB per unit), one folder per results folder (named relative to the checkout
+    when inside it, so a fresh clone at another path resumes); a finished unit deletes its own."""
     import hashlib
 
     from kedit.models import kedit_home
 
-    return kedit_home() / "bench-checkpoints" / hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    out = out.resolve()
+    name = str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out)
+    return kedit_home() / "bench-checkpoints" / hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def require_data(*paths: Path) -> None:
