@@ -144,12 +144,13 @@ def sequential_outputs(out: Path) -> tuple[list[str], dict[str, Any]]:
         solver, targets = name.split("_")
         last = r["batches"][-1] if r["batches"] else {}
         health = last.get("health", {})
-        body.append([solver, targets, fmt_lam(r.get("lam")), len(r["batches"]),
+        n_batches = f"{len(r['batches'])} (unfinished)" if r.get("unfinished") else len(r["batches"])
+        body.append([solver, targets, fmt_lam(r.get("lam")), n_batches,
                      *(mean(r["metrics"].get(k)) for _, k in cols),
                      last.get("first_batch", {}).get("efficacy_score"),
                      health.get("health_perplexity"), health.get("health_top1_agreement")])
     plot_sequential(runs, out)
-    first = next(iter(runs.values()))
+    first = next((r for r in runs.values() if not r.get("unfinished")), {})  # unfinished runs lack n
     lines = [f"### CounterFact (ROME format), {first.get('n', '?')} records in batches of "
              f"{first.get('batch_size', '?')}, state carried", "", markdown_table(header, body), "",
              "![forgetting](sequential-forgetting.png)", "", "![health](sequential-health.png)", ""]
