@@ -78,3 +78,29 @@ def test_deterministic(tiny_tok):
     cfg = AnchorConfig(steps=5)
     a, b = _anchors(editor, REQS, 1, cfg, 4), _anchors(editor, REQS, 1, cfg, 4)
     assert torch.equal(a.z, b.z)
+
+
+def test_bf16_cpu_anchor_loop_uses_maths_attention_and_keeps_the_replay(tiny_tok, monkeypatch):
+    """A bf16 model on the CPU runs the anchor loop with the maths SDPA backend (CPU flash attention's bf16
+    backward was the slowest op of a step), the suffix replay still reproduces the real forward, and an
+    fp32 model keeps torch's choice."""
+    import kedit.optimize as opt
+
+    model = make_tiny("llama", tiny_tok)
+    editor32 = Editor(model, tiny_tok, layers=[1])
+    assert isinstance(opt.attention_backend(editor32.adapter, AnchorConfig()), type(opt.contextlib.nullcontext()))
+    model16 = make_tiny("llama", tiny_tok).to(torch.bfloat16)
+    editor16 = Editor(model16, tiny_tok, layers=[1])
+    editor16.templates  # noqa: B018 (sampled now: generation is outside the anchor loop)
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        seen.append(torch._C._get_flash_sdp_enabled() or torch._C._get_mem_efficient_sdp_enabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    a = _anchors(editor16, REQS, 1, AnchorConfig(steps=3, early_stop=0.0), chunk=len(REQS))
+    assert a.extra["replay"] and torch.isfinite(a.z).all()
+    assert seen and not any(seen)  # the tiny Llama attends through SDPA: only the maths backend was allowed
+    assert torch._C._get_flash_sdp_enabled()  # torch's choice restored afterwards

@@ -374,6 +374,7 @@ class Editor:
         """
         t_start = time.perf_counter()
         prep, targets, log = self.prepare(requests)
+        self.timings["optimize"] = log.get("optimize_seconds", 0.0)
         edit, pending = self._edit_loop(requests, prep, targets, log)
         if distributed.active(self.adapter.input_device):  # every rank solved the same problem: same weights
             try:

@@ -32,7 +32,7 @@ match (e.g. sliding-window caches).
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from kedit.arch import ArchitectureAdapter
-from kedit.generation import cache_kwargs, output_cache
+from kedit.generation import cache_kwargs, new_cache
 from kedit.hooks import Trace, block_output, record_block_calls
 from kedit.tokens import TeacherForced
 
@@ -64,7 +64,7 @@ class AnchorConfig:
     site: str = "block"              # norm of clamp/decay: "block" ||h_a|| (MEMIT), "mlp" ||mlp_out_a|| (ROME)
     batch_size: int = 32             # requests optimised together (memory bound)
     chunk_order: str = "suffix"      # chunks of requests sorted by suffix length (less padding); "request": in order
-    autocast_bf16: bool = False      # bf16 autocast: for GPUs; 3.3x *slower* on this CPU (measured), different anchors
+    autocast_bf16: bool = False      # bf16 autocast, fp32 model: weights cast per call (CPUs: load in bf16 instead)
 
     def __post_init__(self) -> None:
         for name in ("lr", "clamp_norm_factor"):
@@ -207,16 +207,18 @@ class _SuffixReplay:
     def __init__(self, adapter: ArchitectureAdapter, layer: int, lay: _Layout):
         self.adapter, self.layer = adapter, layer
         last = adapter.n_layers - 1
-        # the reference is the last block's output; the LM head is applied at the read positions only
-        # (over all B x W positions it cost ~2.5 optimisation steps): logits for one column suffice
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(adapter.model.forward).parameters else {}
+        # the reference is the last block's output; the pass stops there (the caller applies the LM head at
+        # the read positions only: over all B x W positions it cost ~2.5 optimisation steps, and the
+        # model's own head on a bf16 CPU model materialised a [B, d, V] weight copy per row)
+        self.cache = new_cache(adapter.model)
         with torch.no_grad(), Trace(adapter) as tr:
             tr.capture_block(layer)
             tr.capture_block(last)
-            out = tr.run(input_ids=lay.ids, attention_mask=lay.mask, position_ids=lay.pos, use_cache=True, **keep)
+            tr.stop_after(last)
+            tr.run(input_ids=lay.ids, attention_mask=lay.mask, position_ids=lay.pos, use_cache=True,
+                   **cache_kwargs(adapter.model, self.cache))
         self.ref_h: torch.Tensor | None = tr.blocks[last][:, lay.P:]  # [B, W-P, d]
         self.h = tr.blocks[layer][:, lay.P:]  # [B, W-P, d]
-        self.cache = output_cache(out)
         self.prefix = [(c.keys[:, :, : lay.P], c.values[:, :, : lay.P]) for c in self.cache.layers]
         self._reset()
         with record_block_calls(adapter.blocks[layer + 1:]) as self.calls, torch.no_grad(), Trace(adapter) as tr:
@@ -257,6 +259,21 @@ def _adam(delta, grad, m, v, step, lr, b1=0.9, b2=0.999, eps=1e-8):
     delta.sub_(lr * m / bc1 / ((v.sqrt() / bc2.sqrt()) + eps))
 
 
+def attention_backend(adapter: ArchitectureAdapter, cfg: AnchorConfig) -> contextlib.AbstractContextManager:
+    """The SDPA backend for the anchor loop: plain-maths attention for bf16/fp16 on a CPU, else torch's choice.
+
+    CPU flash attention's backward in bf16 took 44% of an anchor step on SmolLM2 (35 ms a call vs 3.4 ms in
+    fp32; Intel Xeon with AMX, torch 2.13); the maths backend computes it with bf16 matrix products instead.
+    GPUs keep torch's choice (flash / memory-efficient kernels).
+    """
+    low = adapter.lm_head.weight.dtype in (torch.bfloat16, torch.float16) or cfg.autocast_bf16
+    if adapter.input_device.type != "cpu" or not low:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorProblem], layer: int,
                      cfg: AnchorConfig, pad: int, progress=None,
                      on_step: Callable[[int, int, int], None] | None = None) -> Anchors:
@@ -266,11 +283,12 @@ def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorPro
     """
     start = time.perf_counter()
     parts = []
-    for c, chunk in enumerate(chunks):
-        step_cb = None if on_step is None else (lambda it, done, c=c: on_step(c, it, done))
-        parts.append(_optimize_chunk(model, adapter, chunk, layer, cfg, pad, step_cb))
-        if progress is not None:
-            progress.update(chunk.n)
+    with attention_backend(adapter, cfg):
+        for c, chunk in enumerate(chunks):
+            step_cb = None if on_step is None else (lambda it, done, c=c: on_step(c, it, done))
+            parts.append(_optimize_chunk(model, adapter, chunk, layer, cfg, pad, step_cb))
+            if progress is not None:
+                progress.update(chunk.n)
     # chunks may hold requests in any order (sorted by suffix length): back to the caller's order
     order = torch.cat([torch.arange(c.n) + sum(x.n for x in chunks[:i]) if c.requests is None else c.requests
                        for i, c in enumerate(chunks)])

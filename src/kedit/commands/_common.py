@@ -195,7 +195,8 @@ def add_anchor_args(p: argparse.ArgumentParser) -> None:
                    help=f"anchor optimisation steps (default: {AnchorConfig().steps})")
     g.add_argument("--lr", type=positive_float, default=None,
                    help="anchor optimisation learning rate (default: 0.5 below 2B parameters, else 0.1)")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast for the anchor optimisation (default: off)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast of the anchor optimisation (GPUs; on a CPU use --dtype bfloat16 instead)")
     g.add_argument("--anchor-cache", default=None, metavar="DIR",
                    help="keep each request's optimised anchors in DIR and reuse them when the weights, request, "
                         "layer, templates and anchor settings match (e.g. a per-case run after a batch run) "
