@@ -269,6 +269,25 @@ def test_sequential_state_carried_and_rolled_back_by_undo(tiny_tok):
     assert "C_cache" not in editor.state[2]
 
 
+def test_sequential_prune_carries_its_accumulated_edit_and_undo_rolls_it_back(tiny_tok):
+    model = make_tiny("llama", tiny_tok)
+    editor = Editor(model, tiny_tok, "prune", layers=[1, 2], stats=_low_rank_stats(model, [1, 2]), anchor=FAST)
+    w0 = model.model.layers[2].mlp.down_proj.weight.detach().clone()
+    first = editor.apply(REQS[:2])
+    state = {k: v.clone() for k, v in editor.state[2].items()}
+    assert {"prune_sum_U", "prune_total_U", "C_cache"} <= set(state) and not any("next" in k for k in state)
+    diag = {e["layer"]: e for e in first.record["diagnostics"]}
+    assert diag[2]["prune_restrained"] >= 0 and diag[2]["prune_bound"] > 0
+    second = editor.apply(REQS[2:])
+    w2 = model.model.layers[2].mlp.down_proj.weight.detach().double()
+    total = editor.state[2]["prune_total_U"] @ editor.state[2]["prune_total_V"].T  # F(S_2): the whole edit
+    torch.testing.assert_close(w2 - w0.double(), total.to(w2), atol=1e-5, rtol=0)
+    second.undo()
+    assert set(editor.state[2]) == set(state) and all(torch.equal(editor.state[2][k], v) for k, v in state.items())
+    first.undo()
+    assert torch.equal(model.model.layers[2].mlp.down_proj.weight, w0)
+
+
 def test_default_preservation_weight_is_the_solvers_whatever_the_targets(tiny_llama, tiny_tok):
     # issue 11: one lam default (kedit.solvers.DEFAULT_LAM), for names and objects alike, whatever the targets
     # (before, backward spreading got 5000 through a per-construction preference)

@@ -109,19 +109,25 @@ def _problem(f=48, d=16, n=5, seed=0) -> LayerProblem:
 
 
 def test_fp32_solve_with_refinement_matches_fp64():
-    """The fp32 path (devices without fp64) is within 1e-5 relative of fp64 and refinement helps."""
-    g = torch.Generator().manual_seed(1)
-    Q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
-    A = Q @ torch.diag(torch.logspace(0, 4, 64, dtype=torch.float64)) @ Q.T  # cond 1e4
-    B = torch.randn(64, 3, generator=g, dtype=torch.float64)
-    ref = torch.linalg.solve(A, B)
-    plain = torch.linalg.solve(A.float(), B.float()).double()
-    refined = solve(A.float(), B.float()).double()
-    err = lambda X: float((X - ref).norm() / ref.norm())  # noqa: E731
-    resid = lambda X: float((A @ X - B).norm() / (A.norm() * X.norm()))  # noqa: E731
-    assert resid(refined) < 1e-7  # backward stable at fp32 round-off
-    assert err(refined) < 1e4 * 6e-8 * 4  # forward error ~ cond(A) * eps32
-    assert err(refined) <= err(plain)
+    """The fp32 path (devices without fp64): refinement lowers the backward error; the forward error stays
+    ~cond(A) * eps32 either way (whether it beats the plain solve on one system is round-off noise, BLAS-dependent)."""
+    resids = []
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        Q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+        A = Q @ torch.diag(torch.logspace(0, 4, 64, dtype=torch.float64)) @ Q.T  # cond 1e4
+        B = torch.randn(64, 3, generator=g, dtype=torch.float64)
+        ref = torch.linalg.solve(A, B)
+        plain = torch.linalg.solve(A.float(), B.float()).double()
+        refined = solve(A.float(), B.float()).double()
+        err = [float((X - ref).norm() / ref.norm()) for X in (plain, refined)]
+        resid = [float((A @ X - B).norm() / (A.norm() * X.norm())) for X in (plain, refined)]
+        assert resid[1] < 1e-7  # backward stable at fp32 round-off
+        assert err[1] < 1e4 * 6e-8 * 4  # forward error ~ cond(A) * eps32
+        assert err[1] < 2 * err[0]
+        resids.append(resid)
+    plain_mean, refined_mean = (sum(r) / len(r) for r in zip(*resids))
+    assert refined_mean < 0.95 * plain_mean
 
 
 @pytest.mark.parametrize("solver", [MEMIT(lam=10.0), ROME(), AlphaEdit()], ids=lambda s: s.name)

@@ -100,6 +100,62 @@ def test_prune_composes_with_memit_and_its_state():
     Prune(base=Fixed(Delta(dense_=torch.zeros(8, 16)))).update_state({}, p, None)  # base without state: no-op
 
 
+@dataclass(frozen=True)
+class Sequence:
+    """A stand-in base solver returning the next of given Deltas on every solve."""
+
+    deltas: list
+
+    def solve(self, p: LayerProblem) -> Delta:
+        return self.deltas[p.state.setdefault("calls", [0]).__getitem__(0)]
+
+
+def _run_batches(solver, p, deltas):
+    """Solve + commit (as the editor does after applying) once per batch; returns the applied Deltas."""
+    applied = []
+    for i in range(len(deltas)):
+        p.state["calls"] = [i]
+        applied.append(solver.solve(p))
+        solver.update_state(p.state, p, applied[-1])
+    return applied
+
+
+@pytest.mark.parametrize("dense_base", [False, True])
+def test_prune_restrains_the_accumulated_edit(dense_base):
+    """Paper: after t batches the weight is W_0 + F(Delta_1 + ... + Delta_t), not sum_i F(Delta_i)."""
+    p, _ = spectral_problem([6.0, 1.0], w_max=8.0)  # each batch alone stays under the bound
+    parts = [spectral_problem([6.0, 1.0], w_max=8.0, seed=k)[1] for k in (0, 0, 0, 1)]  # aligned: they add up
+    if dense_base:
+        parts = [Delta(dense_=d.dense()) for d in parts]
+    applied = _run_batches(Prune(base=Sequence(parts)), p, parts)
+    raw = sum(dense(d) for d in parts)
+    U, s, Vt = np.linalg.svd(raw, full_matrices=False)
+    assert s[0] > 8.0  # the sum crosses the bound: 3 x 6 along the same direction
+    want = (U * log_restrained(s, 8.0)) @ Vt
+    assert rel_err(sum(dense(d) for d in applied), want) < 1e-10
+    assert rel_err(dense(applied[0]), dense(parts[0])) < 1e-12  # the first batch alone is under the bound
+    # S_t and F(S_t) in the state as tensors (dense here: rank 8 of [8, 16] is past the factors' break-even)
+    assert {k for k in p.state if k.startswith("prune_")} == {"prune_sum_dense", "prune_total_dense"}
+    # per batch (accumulated=False): nothing is restrained, the edits are the base's
+    p2, _ = spectral_problem([6.0, 1.0], w_max=8.0)
+    alone = _run_batches(Prune(base=Sequence(parts), accumulated=False), p2, parts)
+    assert rel_err(sum(dense(d) for d in alone), raw) < 1e-12 and not any(k.startswith("prune_") for k in p2.state)
+
+
+def test_prune_solving_twice_counts_a_batch_once_and_reports_what_it_restrained():
+    p, delta = spectral_problem([20.0, 5.0, 1.0], w_max=8.0)
+    solver = Prune(base=Fixed(delta))
+    first = dense(solver.solve(p))
+    assert rel_err(dense(solver.solve(p)), first) < 1e-12  # not committed: no double count
+    diag = solver.diagnostics(p)
+    assert diag["prune_restrained"] == 1 and diag["prune_sigma_max"] == pytest.approx(20.0)
+    assert diag["prune_bound"] == pytest.approx(8.0)
+    solver.update_state(p.state, p, None)
+    second = dense(solver.solve(p))  # committed: now F(2 Delta) - F(Delta)
+    U, s, Vt = np.linalg.svd(2 * dense(delta), full_matrices=False)
+    assert rel_err(first + second, (U * log_restrained(s, 8.0)) @ Vt) < 1e-10
+
+
 @pytest.mark.parametrize("keep", [0.6, 0.25, 1.0])
 def test_rect_keeps_exact_fraction_of_largest_entries(keep):
     rng = np.random.default_rng(0)
