@@ -153,8 +153,23 @@ def sequential_outputs(out: Path) -> tuple[list[str], dict[str, Any]]:
     first = next((r for r in runs.values() if not r.get("unfinished")), {})  # unfinished runs lack n
     lines = [f"### CounterFact (ROME format), {first.get('n', '?')} records in batches of "
              f"{first.get('batch_size', '?')}, state carried", "", markdown_table(header, body), "",
+             *prune_restraint_lines(runs),
              "![forgetting](sequential-forgetting.png)", "", "![health](sequential-health.png)", ""]
     return lines, {k: {"metrics": v["metrics"], "batches": v["batches"]} for k, v in runs.items()}
+
+
+def prune_restraint_lines(runs: dict[str, dict]) -> list[str]:
+    """Per PRUNE run: the accumulated edit's top singular value after the last batch vs PRUNE's bound, per layer."""
+    lines = []
+    for name, r in runs.items():
+        diag = [e for e in (r["batches"][-1].get("diagnostics", []) if r["batches"] else []) if "prune_bound" in e]
+        if diag:
+            cells = ", ".join(f"{e['layer']}: {e['prune_sigma_max']:.1f} / {e['prune_bound']:.1f}"
+                              + (f" ({e['prune_restrained']} restrained)" if e["prune_restrained"] else "")
+                              for e in diag)
+            lines += [f"{name.replace('_', ' ')}: accumulated edit's sigma_max / bound sigma_max(W_out) after the "
+                      f"last batch, per layer: {cells}.", ""]
+    return lines
 
 
 def plot_sequential(runs: dict[str, dict], out: Path) -> None:

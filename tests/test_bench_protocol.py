@@ -108,6 +108,8 @@ def test_protocol_end_to_end_and_resume(tmp_path, files, tiny_tok, monkeypatch):
     b = seq["batches"][-1]
     assert {"efficacy_score", "efficacy_acc"} <= set(b["first_batch"]) and b["health"]["health_perplexity"] > 1
     assert seq["metrics"]["efficacy_score"]["n"] == 4 and seq["lam"] == 15000 and seq["data"]["format"] == "rome"
+    assert [d["layer"] for d in b["diagnostics"] if d["prune_bound"] > 0] == [1, 2]  # PRUNE's accumulated sigma_max
+    assert "prune forward: accumulated edit's sigma_max / bound" in (out / "sequential.md").read_text()
 
     # compare: the grid, solvers without lam once, the tuned row chosen on the disjoint proxy records
     cmp_dir = out / "compare" / "counterfact"

@@ -242,10 +242,13 @@ def plan(shape: Shape, method: str = "memit", layers: list[int] | None = None, r
     per_layer = ((SOLVE_FF[method] * ff) + 2 * F64 * d * f + (EIGH_FF * ff if method == "alphaedit" else 0)
                  + (3 * F64 * d * f if method in ("prune", "rect") else 0))  # dense delta + SVD factors
     state = Le * ff * ((1 if sequential else 0) + (1 if method == "alphaedit" else 0))
+    if sequential and method == "prune":  # the accumulated S and F(S), at most dense (rank grows with the edits)
+        state += Le * 2 * F64 * d * f
     solve = Phase("solve", resident=Le * (F64 * d * f + F64 * n * (d + f)) + state, transient=per_layer,
                   detail={"per_layer_system": per_layer, "problems_W_fp64": Le * F64 * d * f, "state": state},
                   note=f"fp64 systems; {'eigh + projector; ' if method == 'alphaedit' else ''}"
-                       f"{'C_cache kept' if sequential else ''}")
+                       f"{'C_cache kept' if sequential else ''}"
+                       f"{' + accumulated edit' if sequential and method == 'prune' else ''}")
     undo = Phase("undo", resident=Le * d * f * b, transient=0, note=f"{Le} x W_out copies ({dtype})".replace(
         "torch.", ""))
     phases = [Phase("weights", resident=weights, transient=0, note=f"{shape.n_params / 1e9:.3f}B params"),
