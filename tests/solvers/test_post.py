@@ -202,6 +202,8 @@ def test_base_by_name_and_validation():
         Rect(keep=1.5)
     with pytest.raises(ValueError, match="alpha"):
         Prune(alpha=1.0)
+    with pytest.raises(ValueError, match="accumulated"):
+        Prune(accumulated="no")
     with pytest.raises(ValueError, match="base"):
         Prune(base=42)
     with pytest.raises(ValueError, match="unknown solver"):

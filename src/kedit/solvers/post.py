@@ -101,6 +101,8 @@ class Prune(_PostProcess):
         super().__post_init__()
         if not self.alpha > 1:
             raise ValueError(f"alpha (log base) must be > 1, got {self.alpha}")
+        if not isinstance(self.accumulated, bool):
+            raise ValueError(f"accumulated must be true or false, got {self.accumulated!r}")
 
     def solve(self, p: LayerProblem) -> Delta:
         if "W_sigma_max" not in p.state:
