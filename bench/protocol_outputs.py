@@ -172,7 +172,15 @@ def prune_restraint_lines(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+SEQ_TITLES = {"efficacy_score": "efficacy (ES)", "efficacy_acc": "efficacy accuracy (EA)",
+              "health_perplexity": "wikitext perplexity (lower is better)",
+              "health_top1_agreement": "unrelated prompts: top-1 agreement", "health_kl": "unrelated prompts: KL"}
+SEQ_STYLE = {"memit": ("tab:blue", "o"), "alphaedit": ("tab:orange", "s"), "prune": ("tab:green", "^"),
+             "rect": ("tab:red", "v"), "emmet": ("tab:purple", "D")}
+
+
 def plot_sequential(runs: dict[str, dict], out: Path) -> None:
+    """One colour and marker per solver, solid forward / dashed backward (equal runs stay visible as markers)."""
     from kedit.eval.report import _pyplot
 
     plt = _pyplot()
@@ -180,18 +188,25 @@ def plot_sequential(runs: dict[str, dict], out: Path) -> None:
                              ("current_batch", "efficacy_score")),
               "health": (("health", "health_perplexity"), ("health", "health_top1_agreement"), ("health", "health_kl"))}
     for fig_name, keys in panels.items():
-        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8))
         for ax, (group, key) in zip(axes, keys, strict=True):
             for name, r in runs.items():
                 pts = [(b["n_edited"], b.get(group, {}).get(key)) for b in r["batches"]]
                 pts = [(n, v) for n, v in pts if v is not None]
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker=".", ls="-" if name.endswith("forward") else "--",
-                            label=name.replace("_", "/"))
-            ax.set_title(f"{group.replace('_', ' ')}: {key}", fontsize=8)
+                    solver, targets = name.split("_")
+                    color, marker = SEQ_STYLE.get(solver, ("tab:gray", "x"))
+                    ax.plot(*zip(*pts, strict=True), color=color, marker=marker, markersize=4, alpha=0.85,
+                            ls="-" if targets == "forward" else "--", label=f"{solver} {targets}")
+            where = {"first_batch": "first batch: ", "current_batch": "latest batch: ", "health": ""}[group]
+            ax.set_title(where + SEQ_TITLES.get(key, key), fontsize=9)
             ax.set_xlabel("edits applied")
-        axes[0].legend(fontsize=7)
-        fig.subplots_adjust(wspace=0.25, bottom=0.15)
+            ax.grid(alpha=0.3)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8, frameon=False)
+        fig.suptitle(f"Sequential editing on SmolLM2-135M ({fig_name}); solid = forward replay, dashed = backward",
+                     fontsize=10)
+        fig.subplots_adjust(wspace=0.25, bottom=0.25, top=0.85)
         fig.savefig(out / f"sequential-{fig_name}.png", dpi=110)
         plt.close(fig)
 
