@@ -107,7 +107,7 @@ class Sequence:
     deltas: list
 
     def solve(self, p: LayerProblem) -> Delta:
-        return self.deltas[p.state.setdefault("calls", [0]).__getitem__(0)]
+        return self.deltas[p.state["calls"][0]]  # the batch index _run_batches puts in the state
 
 
 def _run_batches(solver, p, deltas):

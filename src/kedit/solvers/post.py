@@ -60,10 +60,8 @@ def _compact(U: torch.Tensor, V: torch.Tensor) -> Delta:
     return Delta(U=U, V=V) if r < d * f / (d + f) else Delta(dense_=U @ V.T)
 
 
-def _plus(a: Delta | None, b: Delta, sign: float = 1.0) -> Delta:
+def _plus(a: Delta, b: Delta, sign: float = 1.0) -> Delta:
     """``a + sign * b`` (factors ``[U_a, sign U_b] [V_a, V_b]^T`` while both are plain low rank)."""
-    if a is None:
-        return _compact(sign * b.U, b.V) if b.rank is not None else Delta(dense_=sign * b.dense())
     if a.rank is not None and b.rank is not None:
         return _compact(torch.cat([a.U, sign * b.U.to(a.U)], 1), torch.cat([a.V, b.V.to(a.V)], 1))
     A = work(a.dense())
@@ -109,7 +107,7 @@ class Prune(_PostProcess):
             p.state["W_sigma_max"] = torch.linalg.matrix_norm(work(p.W), ord=2)  # [] spectral norm
         raw = self.base.solve(p)
         previous = _get(p.state, "prune_sum") if self.accumulated else None  # S_{t-1}
-        L, s, Rv = _svd(_plus(previous, raw))  # [d, r], [r], [f, r]
+        L, s, Rv = _svd(raw if previous is None else _plus(previous, raw))  # [d, r], [r], [f, r]
         b = p.state["W_sigma_max"].to(s)
         F = b + (torch.log(s) - torch.log(b)) / math.log(self.alpha)  # [r]; -inf where s == 0 (unused)
         restrained = torch.where(s > b, torch.minimum(s, F), s)
