@@ -18,10 +18,11 @@ Full run (issue 10): repeat until it exits 0 (each call works --minutes, then re
 Estimate on the 2-core box (issue-6 brute force: ~4.8 s per ROME edit): brute force ~900 ROME edits and ~780
 MEMIT window edits per dataset (3 datasets), tests ~300 edits per cell (6 cells): roughly 14-16 hours.
 Tiny end-to-end check (minutes): --proxy 3 --test 3 --candidates 4-6 --steps 2 --tokens 2000 --samples 2
---bootstrap 20 --window 2 --shortlist 2 --edits 2 --datasets counterfact zsre-alt --out /tmp/ls/ls.json
+--bootstrap 20 --window 2 --shortlist 2 --edits 2 --brute-chunk 2 --datasets counterfact zsre-alt --out /tmp/ls/ls.json
 
-Resumable: every step is saved to <out>.partial.json as it finishes; a run starts no new step after
---minutes and the next run (same settings) resumes. When all steps are done it writes <out>, the
+Resumable: every step is saved to <out>.partial.json as it finishes (brute force in steps of
+--brute-chunk windows, joined once all are in); a run starts no new step after --minutes and the next
+run (same settings, any session: commit the partial file) resumes. When all steps are done it writes <out>, the
 figures <out stem>-<dataset>-<method>.png and prints the table.
 """
 
@@ -40,7 +41,7 @@ from kedit.arch import ArchitectureAdapter
 from kedit.commands.layers import parse_candidates, parse_variants
 from kedit.eval import load_dataset
 from kedit.layers import LGA, BruteForce, CausalTrace, Verified, window_starts
-from kedit.layers.search import score_windows
+from kedit.layers.search import WindowScores, as_cases, score_windows
 from kedit.models import load_model
 from kedit.stats import StatsSpec, second_moments
 
@@ -168,6 +169,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=100_000, help="second-moment token budget (wikitext-2 test)")
     p.add_argument("--steps", type=int, default=None, help="anchor optimisation steps (default: the editor's)")
     p.add_argument("--candidates", default=None, help="candidate layers, e.g. 4-12 (default: every layer)")
+    p.add_argument("--brute-chunk", type=int, default=3, help="brute-force windows per saved step")
     p.add_argument("--minutes", type=float, default=50.0, help="start no new step after this")
     p.add_argument("--out", default=str(RESULTS / "layer_selection.json"))
     args = p.parse_args()
@@ -179,6 +181,7 @@ def main() -> int:
     res = json.loads(partial.read_text()) if partial.is_file() else {}
     if res.get("config") != config:
         res = {"config": config, "choices": {}, "tests": {}, "runs": []}
+    res.setdefault("brute_parts", {})
     res["runs"].append({"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     anchor = {"steps": args.steps} if args.steps else {}
 
@@ -196,6 +199,33 @@ def main() -> int:
                            adapter=adapter, progress=False)
     data = load_cells(args)
     windows = {"rome": 1, "memit": args.window}
+
+    def brute_in_chunks(sel: BruteForce, cell: str, proxy: list[Any]) -> None:
+        """Brute force --brute-chunk windows at a time, each chunk saved (resumes across runs and machines);
+        the choice once every chunk is in. Its seconds: the chunks' wall times, the pre-edit measurement
+        counted once; the machine of every chunk is kept."""
+        parts = res["brute_parts"].setdefault(cell, {})
+        all_windows = sel.windows(adapter)
+        cases = as_cases(proxy)
+        for i in range(0, len(all_windows), args.brute_chunk):
+            if str(i) in parts or out_of_time():
+                continue
+            chunk = all_windows[i:i + args.brute_chunk]
+            print(f"{cell}: brute force at {chunk} on {len(cases)} proxy records", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            ws = sel.scores(model, tok, cases, chunk)
+            parts[str(i)] = {**ws.to_dict(), "wall": time.perf_counter() - t, "cpu": machine()["cpu"]}
+            save()
+        if len(parts) * args.brute_chunk < len(all_windows):
+            return
+        ordered = [parts[k] for k in sorted(parts, key=int)]
+        ws = WindowScores.join([WindowScores.from_dict(x) for x in ordered])
+        wall = sum(x["wall"] for x in ordered) - sum(x["seconds"]["pre"] for x in ordered[1:])
+        choice = sel.choose(ws, cases, wall).to_dict()
+        choice["details"]["chunks"] = [{"windows": x["windows"], "wall": x["wall"], "cpu": x["cpu"]} for x in ordered]
+        res["choices"][cell]["brute"] = choice
+        save()
+
     # 1. choices: brute force first in every cell (the ground truth), then the cheap ones
     for method in args.methods:
         w = windows[method]
@@ -204,6 +234,9 @@ def main() -> int:
             done = res["choices"].setdefault(cell, {})
             for name, sel in selectors(args, method, w, cands, stats, anchor, d["lga"]).items():
                 if name in done or out_of_time():
+                    continue
+                if name == "brute":  # ~an hour per cell: run and saved in chunks of windows, then joined
+                    brute_in_chunks(sel, cell, d["proxy"])
                     continue
                 print(f"{cell}: {name} on {len(d['proxy'])} proxy records", file=sys.stderr, flush=True)
                 reqs = d["lga"] if name.startswith("lga") else d["proxy"]

@@ -276,6 +276,32 @@ def test_brute_force_finds_planted_layer(tiny_tok, monkeypatch):
     assert not model.get_output_embeddings()._forward_hooks  # every edit undone
 
 
+def test_brute_force_in_pieces_equals_one_run(tiny_tok, monkeypatch):
+    """A search run window chunk by window chunk (saved as JSON between runs) chooses as one run does."""
+    import json
+
+    import kedit.editor
+    from kedit.layers import BruteForce
+    from kedit.layers.search import WindowScores, as_cases
+
+    model, a = _model("llama", tiny_tok)
+    monkeypatch.setattr(kedit.editor, "Editor", _PlantedEditor)
+    stats = {l: torch.eye(a.d_ff, dtype=torch.float64) for l in range(a.n_layers)}
+    bf = BruteForce(stats=stats)
+    whole = bf.select(model, a, tiny_tok, CASES)
+    cases, windows = as_cases(CASES), bf.windows(a)
+    parts = [WindowScores.from_dict(json.loads(json.dumps(bf.scores(model, tiny_tok, cases, windows[i:i + 3])
+                                                          .to_dict()))) for i in (0, 3)]
+    joined = WindowScores.join(parts)
+    assert joined.windows == windows and joined.seconds["pre"] == parts[0].seconds["pre"]
+    pieces = bf.choose(joined, cases, 1.0)
+    assert pieces.layers == whole.layers == [2] and pieces.scores == whole.scores
+    keep = ("optimal", "histogram", "per_request", "stability", "golden_score")
+    assert {k: pieces.details[k] for k in keep} == {k: whole.details[k] for k in keep}
+    with pytest.raises(ValueError, match="two parts"):
+        WindowScores.join([parts[0], parts[0]])
+
+
 def test_brute_force_with_real_editor_restores_model(tiny_tok):
     model, a = _model("llama", tiny_tok)
     stats = {l: torch.eye(a.d_ff, dtype=torch.float64) for l in range(a.n_layers)}

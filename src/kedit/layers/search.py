@@ -72,6 +72,31 @@ class WindowScores:
         s, t = score.nan_to_num(-math.inf).tolist(), tie.nan_to_num(-math.inf).tolist()
         return max(range(len(s)), key=lambda j: (s[j], t[j], -j))
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (nan kept as float nan)."""
+        return {"windows": self.windows, "score": self.score.tolist(), "tie": self.tie.tolist(),
+                "keys": list(self.keys), "seconds": dict(self.seconds), "failures": self.failures}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WindowScores:
+        return cls([list(w) for w in d["windows"]], torch.tensor(d["score"], dtype=torch.float64),
+                   torch.tensor(d["tie"], dtype=torch.float64), tuple(d["keys"]), dict(d["seconds"]),
+                   int(d["failures"]))
+
+    @classmethod
+    def join(cls, parts: Sequence[WindowScores]) -> WindowScores:
+        """The scores of disjoint window lists on the same cases, side by side (a search run in pieces,
+        e.g. resumed): per-window phases summed, statistics and the pre-edit measurement counted once."""
+        if not parts or len({p.keys for p in parts}) > 1 or len({p.score.shape[0] for p in parts}) > 1:
+            raise ValueError("WindowScores.join needs parts scored with the same keys on the same cases")
+        windows = [w for p in parts for w in p.windows]
+        if len({tuple(w) for w in windows}) < len(windows):
+            raise ValueError("WindowScores.join: a window is scored in two parts")
+        seconds = {k: parts[0].seconds[k] if k in ("stats", "pre") else sum(p.seconds[k] for p in parts)
+                   for k in parts[0].seconds}
+        return cls(windows, torch.cat([p.score for p in parts], 1), torch.cat([p.tie for p in parts], 1),
+                   parts[0].keys, seconds, sum(p.failures for p in parts))
+
 
 def score_windows(model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase], windows: Sequence[Sequence[int]],
                   method: str = "rome", targets: str = "forward", score_keys: Sequence[str] | None = None,
@@ -163,6 +188,11 @@ class BruteForce:
         if self.window < 1:
             raise ValueError(f"BruteForce.window must be >= 1, got {self.window}")
 
+    def windows(self, adapter: ArchitectureAdapter) -> list[list[int]]:
+        """The candidate windows, in order (window starts ascending)."""
+        cands = candidate_layers(adapter, self.layers, self.window)
+        return [cands[j:j + self.window] for j in window_starts(cands, self.window)]
+
     def select(self, model: torch.nn.Module, adapter: ArchitectureAdapter | None, tok: Any,
                proxy: Sequence[EditRequest | EvalCase]) -> LayerChoice:
         """Edit every proxy case at every candidate window; choose the golden window. Model left unchanged."""
@@ -170,10 +200,19 @@ class BruteForce:
         cases = as_cases(proxy)
         check_proxy([c.request for c in cases], who="brute-force search")
         adapter = adapter or ArchitectureAdapter.from_model(model)
-        cands = candidate_layers(adapter, self.layers, self.window)
-        windows = [cands[j:j + self.window] for j in window_starts(cands, self.window)]
-        ws = score_windows(model, tok, cases, windows, self.method, self.targets, self.score_keys, self.stats,
-                           self.seed, editor_kwargs=self.editor_kwargs, progress=self.progress)
+        ws = self.scores(model, tok, cases, self.windows(adapter))
+        return self.choose(ws, cases, time.perf_counter() - t0)
+
+    def scores(self, model: torch.nn.Module, tok: Any, cases: Sequence[EvalCase],
+               windows: Sequence[Sequence[int]]) -> WindowScores:
+        """``score_windows`` with this search's settings, for some of its windows (a search run in pieces:
+        ``choose(WindowScores.join(parts), ...)`` then equals ``select``)."""
+        return score_windows(model, tok, cases, windows, self.method, self.targets, self.score_keys, self.stats,
+                             self.seed, editor_kwargs=self.editor_kwargs, progress=self.progress)
+
+    def choose(self, ws: WindowScores, cases: Sequence[EvalCase], seconds: float) -> LayerChoice:
+        """The golden window, per-request optima and bootstrap stability from every window's scores."""
+        windows = ws.windows
         mean, mean_tie = ws.score.nanmean(0), ws.tie.nanmean(0)            # [W]
         golden = ws.best(mean, mean_tie)
         optimal = [ws.best(ws.score[i], ws.tie[i]) for i in range(len(cases))]
@@ -195,4 +234,4 @@ class BruteForce:
             "per_request": ws.score.tolist(), "tie": ws.tie.tolist(), "failures": ws.failures,
             "seconds": ws.seconds, "candidates_are": "first layer of each window", "stability": stability,
         }
-        return LayerChoice("brute", windows[golden], starts, mean.tolist(), time.perf_counter() - t0, details)
+        return LayerChoice("brute", windows[golden], starts, mean.tolist(), seconds, details)
