@@ -40,6 +40,7 @@ from common import CORPUS, DATA, RESULTS, machine, markdown_table, require_data 
 from kedit.arch import ArchitectureAdapter
 from kedit.commands.layers import parse_candidates, parse_variants
 from kedit.eval import load_dataset
+from kedit.io import write_json
 from kedit.layers import LGA, BruteForce, CausalTrace, Verified, window_starts
 from kedit.layers.search import WindowScores, as_cases, score_windows
 from kedit.models import load_model
@@ -177,7 +178,7 @@ def main() -> int:
     t_run = time.perf_counter()
     out = Path(args.out)
     partial = out.with_suffix(".partial.json")
-    config = {k: v for k, v in vars(args).items() if k not in ("minutes", "out")}
+    config = {k: v for k, v in vars(args).items() if k not in ("minutes", "out", "brute_chunk")}
     res = json.loads(partial.read_text()) if partial.is_file() else {}
     if res.get("config") != config:
         res = {"config": config, "choices": {}, "tests": {}, "runs": []}
@@ -186,8 +187,7 @@ def main() -> int:
     anchor = {"steps": args.steps} if args.steps else {}
 
     def save() -> None:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(res, indent=1, default=str))
+        write_json(partial, res, indent=1, default=str)  # atomic: a kill never corrupts hours of steps
 
     def out_of_time() -> bool:
         return time.perf_counter() - t_run > 60 * args.minutes
@@ -204,20 +204,27 @@ def main() -> int:
         """Brute force --brute-chunk windows at a time, each chunk saved (resumes across runs and machines);
         the choice once every chunk is in. Its seconds: the chunks' wall times, the pre-edit measurement
         counted once; the machine of every chunk is kept."""
-        parts = res["brute_parts"].setdefault(cell, {})
+        parts = res["brute_parts"].setdefault(cell, {})  # first window's index -> that chunk's scores
         all_windows = sel.windows(adapter)
         cases = as_cases(proxy)
-        for i in range(0, len(all_windows), args.brute_chunk):
-            if str(i) in parts or out_of_time():
+        scored = {tuple(w) for x in parts.values() for w in x["windows"]}  # pieces of any earlier --brute-chunk
+        chunks: list[list[list[int]]] = []  # contiguous runs of unscored windows, cut every --brute-chunk
+        for i, w in enumerate(all_windows):
+            if tuple(w) in scored:
                 continue
-            chunk = all_windows[i:i + args.brute_chunk]
+            if chunks and len(chunks[-1]) < args.brute_chunk and chunks[-1][-1] == all_windows[i - 1]:
+                chunks[-1].append(w)
+            else:
+                chunks.append([w])
+        for chunk in chunks:
+            if out_of_time():
+                return
             print(f"{cell}: brute force at {chunk} on {len(cases)} proxy records", file=sys.stderr, flush=True)
             t = time.perf_counter()
             ws = sel.scores(model, tok, cases, chunk)
-            parts[str(i)] = {**ws.to_dict(), "wall": time.perf_counter() - t, "cpu": machine()["cpu"]}
+            parts[str(all_windows.index(chunk[0]))] = {**ws.to_dict(), "wall": time.perf_counter() - t,
+                                                        "cpu": machine()["cpu"]}
             save()
-        if len(parts) * args.brute_chunk < len(all_windows):
-            return
         ordered = [parts[k] for k in sorted(parts, key=int)]
         ws = WindowScores.join([WindowScores.from_dict(x) for x in ordered])
         wall = sum(x["wall"] for x in ordered) - sum(x["seconds"]["pre"] for x in ordered[1:])
@@ -271,7 +278,7 @@ def main() -> int:
                   out.with_name(f"{out.stem}-{label}-{method}.png"))
     res["table"] = markdown_table(HEADER, rows_of(res))
     res["lga_conventions"] = {label: d["lga_convention"] for label, d in data.items()}
-    out.write_text(json.dumps(res, indent=1, default=str))
+    write_json(out, {k: v for k, v in res.items() if k != "brute_parts"}, indent=1, default=str)  # parts: in choices
     print(res["table"])
     return 0
 

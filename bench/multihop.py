@@ -57,6 +57,7 @@ def command(dataset: str, run: str, n: int) -> list[str]:
 
 def run_all(args: argparse.Namespace) -> None:
     from kedit.cli import main
+    from kedit.io import write_json
 
     info = machine()
     for ds, n in (("mquake", args.n_mquake), ("portability", args.n_portability)):
@@ -73,7 +74,7 @@ def run_all(args: argparse.Namespace) -> None:
             s["timings"]["wall_s"] = time.perf_counter() - t0
             s["config"]["machine"] = info
             s["config"]["kedit_command"] = "kedit " + " ".join(argv)  # config.command is this script's argv
-            out.write_text(json.dumps(s, indent=1, default=str))
+            write_json(out, s, indent=1, default=str)
 
 
 def cell(entry: dict | None) -> str:

@@ -27,7 +27,8 @@ def _name(path: str, summary: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     """Print post-edit means side by side (and eval throughput), write the comparison PNG."""
     from kedit.eval.html import compare_page
-    from kedit.eval.report import ORDER, load_summary, metric_keys, plot_compare, plot_health, write_atomic
+    from kedit.eval.report import ORDER, load_summary, metric_keys, plot_compare, plot_health
+    from kedit.io import write_text
 
     runs = [(_name(r, s), s) for r, s in ((r, load_summary(r)) for r in args.runs)]  # errors name the file
     keys = []
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         pngs.append(png.with_name(png.stem + "_health.png"))
         plot_health(health, pngs[-1])
     html = Path(args.html) if args.html else png.with_name("compare.html")
-    write_atomic(html, compare_page(runs, pngs, keys))
+    write_text(html, compare_page(runs, pngs, keys))
     if not args.json:
         print(f"wrote {', '.join(map(str, pngs))}, {html}")
     return 0

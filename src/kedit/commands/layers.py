@@ -206,11 +206,11 @@ def run(args: argparse.Namespace) -> int:
         result[key] = _test_block(ws, chosen, complete=args.test_all)
     result["seconds"] = time.perf_counter() - t_start
     from kedit import distributed
+    from kedit.io import write_json
 
     if not distributed.is_main():  # under torchrun every rank holds the same result: rank 0 writes and prints it
         return 0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "layers.json").write_text(json.dumps(result, indent=1, default=str))
+    write_json(out / "layers.json", result, indent=1, default=str)
     if not args.no_plots:
         from kedit.layers.plot import plot_layers
 

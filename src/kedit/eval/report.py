@@ -15,6 +15,7 @@ from typing import Any
 from kedit.errors import ReportFormatError
 from kedit.eval import metrics as M
 from kedit.eval.results import Report
+from kedit.io import write_text
 
 RESERVED = ("config", "timings", "evaluated", "trajectory", "health_trajectory", "caveats", "n_cases")
 ORDER = M.ORDER  # display order: the metric table's row order
@@ -101,9 +102,9 @@ def write(report: Report, out: str | Path, plots: bool = True, html: bool = True
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summary_dict(report)
-    write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
-    write_atomic(out / "cases.jsonl", "".join(json.dumps(rec, default=str) + "\n" for rec in report.cases))
-    write_atomic(out / "summary.md", markdown(summary))
+    write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
+    write_text(out / "cases.jsonl", "".join(json.dumps(rec, default=str) + "\n" for rec in report.cases))
+    write_text(out / "summary.md", markdown(summary))
     pngs = []
     if plots:
         plot_metrics(summary, out / "metrics.png")
@@ -113,15 +114,8 @@ def write(report: Report, out: str | Path, plots: bool = True, html: bool = True
             plot_health([("run", report.health)], out / "health.png")
             pngs.append(out / "health.png")
     if html:
-        write_atomic(out / "report.html", run_page(summary, report.cases, pngs, metric_keys(summary)))
+        write_text(out / "report.html", run_page(summary, report.cases, pngs, metric_keys(summary)))
     return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling and rename it over ``path`` (no half-written file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def plot_health(runs: list[tuple[str, list[dict[str, Any]]]], path: Path) -> None:
