@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import CORPUS, DATA, RESULTS, machine  # bench/common.py (scripts run as bench/<name>.py)
+from common import CORPUS, DATA, RESULTS, machine, save_json  # bench/common.py (scripts run as bench/<name>.py)
 
 OUT = RESULTS / "bf16.json"
 CONFIGS = {f"{dt}_{tg}": (dt, tg) for dt in ("fp32", "bf16", "amp") for tg in ("backward", "forward")}
@@ -39,10 +39,7 @@ def load(out: Path) -> dict:
 
 
 def save(out: Path, results: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.replace(out)  # a killed run never leaves a half-written file
+    save_json(out, results)  # atomic: a killed run never leaves a half-written file
 
 
 def run(args: argparse.Namespace, results: dict) -> None:

@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,6 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "bench" / "results"
 CORPUS = DATA / "wikitext-2-raw" / "wiki.test.raw"  # the statistics corpus of every benchmark
+
+
+def save_json(path: Path, obj: Any, **kw: Any) -> Path:
+    """Write a result atomically (kedit.io): indented, non-JSON values as strings; a killed run leaves the old file."""
+    from kedit.io import write_json
+
+    return write_json(path, obj, **({"indent": 1, "default": str} | kw))
+
+
+def save_text(path: Path, text: str) -> Path:
+    """Write a table or page atomically (kedit.io)."""
+    from kedit.io import write_text
+
+    return write_text(path, text)
 
 
 def anchor_dir() -> Path:

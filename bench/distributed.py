@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import CORPUS, DATA, RESULTS, save_json  # bench/common.py (scripts run as bench/<name>.py)
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact_subset500.json"
-RESULTS = ROOT / "bench" / "results" / "distributed.json"
+COUNTERFACT = DATA / "counterfact_subset500.json"
+OUT = RESULTS / "distributed.json"
 LAYERS = [4, 5, 6, 7, 8]
 
 
@@ -94,7 +93,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
     p.add_argument("--tokens", type=int, default=40_000)
     p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -149,8 +148,7 @@ def main() -> int:
         },
         "total_seconds": round(time.perf_counter() - t_all, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str))
+    save_json(args.out, result)
     print(json.dumps(runs, indent=1))
     return 0
 

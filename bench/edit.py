@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import CORPUS, DATA, RESULTS, machine, require_data  # bench/common.py (scripts run as bench/<name>.py)
+from common import (  # bench/common.py (scripts run as bench/<name>.py)
+    CORPUS,
+    DATA,
+    RESULTS,
+    machine,
+    require_data,
+    save_json,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from kedit.arch import ArchitectureAdapter
@@ -457,7 +464,7 @@ def _anchor_speed_summary(result: dict[str, Any], anchors: dict[str, Anchors], t
                                        for k, a in anchors.items() if k != "old"}
     result["total_seconds"] = round(time.perf_counter() - t_start, 1)
     result["machine"]["loadavg_end"] = os.getloadavg()
-    out.write_text(json.dumps(result, indent=1))
+    save_json(out, result)
     print(f"wrote {out}", flush=True)
 
 
@@ -629,8 +636,7 @@ def main() -> int:
 
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["total_seconds"] = time.perf_counter() - t_start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    save_json(args.out, result)
     print_table(result)
     print(f"wrote {args.out} ({result['total_seconds']:.0f} s)")
     return 0

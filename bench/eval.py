@@ -20,7 +20,7 @@ import json
 import sys
 import time
 
-from common import CORPUS, DATA, RESULTS, machine, metric_cell, require_data  # bench/common.py
+from common import CORPUS, DATA, RESULTS, machine, metric_cell, require_data, save_json, save_text  # bench/common.py
 
 RUNS = {"none": None, "memit_backward": ("memit", "backward"), "memit_forward": ("memit", "forward")}
 CF_KEYS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_acc", "paraphrase_acc",
@@ -113,10 +113,10 @@ def write_table() -> int:
     for ds, keys in (("counterfact", CF_KEYS), ("zsre", ZSRE_KEYS)):
         if ds in out:
             lines += table(ds, keys, out[ds])
-    (RESULTS / "eval_table.md").write_text("\n".join(lines))
+    save_text(RESULTS / "eval_table.md", "\n".join(lines))
     slim = {ds: {r: {k: v for k, v in s.items() if k != "trajectory"} for r, s in runs.items()}
             for ds, runs in out.items()}
-    (RESULTS / "eval_summary.json").write_text(json.dumps(slim, indent=1, default=str))
+    save_json(RESULTS / "eval_summary.json", slim)
     print("\n".join(lines))
     return 0
 

@@ -17,13 +17,12 @@ libgomp's spinning threads make every multi-threaded GEMM several times slower, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 import warnings
 
 import torch
-from common import RESULTS, machine, markdown_table
+from common import RESULTS, machine, markdown_table, save_json
 
 from kedit.corpus import PREFIXES
 from kedit.generation import default_batch_size, generate, generate_ids, row_seed
@@ -128,8 +127,7 @@ def main() -> int:
               "settings": {"new_tokens_per_row": args.tokens, "rows": args.rows, "top_k": 50,
                            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
               "rows": rows, "sampling_speedup_best": round(best / old, 2)}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    save_json(args.out, result)
     print()
     print(markdown_table(["task", "path", "batch", "rows", "tokens", "seconds", "tok/s"],
                          [[r["task"], r["path"], r["batch"], r["rows"], r["tokens"], r["seconds"], r["tok_per_s"]]

@@ -32,6 +32,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))  # the repo's kedit, wherever the tree was copied
+from kedit.io import write_json  # noqa: E402  (atomic: a killed run keeps the last saved phases)
 
 # Llama-3-8B's published config; "tiny" keeps the family and the head layout at toy size
 SHAPES = {
@@ -121,10 +122,7 @@ class Bench:
 
     def save(self) -> None:
         self.result["elapsed_s"] = round(time.perf_counter() - self.t_start, 1)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.result, indent=1, default=str))
-        os.replace(tmp, self.out)
+        write_json(self.out, self.result, indent=1, default=str)
 
 
 def describe_device(device: torch.device) -> dict:

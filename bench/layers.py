@@ -35,12 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import CORPUS, DATA, RESULTS, machine, markdown_table, require_data  # bench/common.py
+from common import CORPUS, DATA, RESULTS, machine, markdown_table, require_data, save_json  # bench/common.py
 
 from kedit.arch import ArchitectureAdapter
 from kedit.commands.layers import parse_candidates, parse_variants
 from kedit.eval import load_dataset
-from kedit.io import write_json
 from kedit.layers import LGA, BruteForce, CausalTrace, Verified, window_starts
 from kedit.layers.search import WindowScores, as_cases, score_windows
 from kedit.models import load_model
@@ -187,7 +186,7 @@ def main() -> int:
     anchor = {"steps": args.steps} if args.steps else {}
 
     def save() -> None:
-        write_json(partial, res, indent=1, default=str)  # atomic: a kill never corrupts hours of steps
+        save_json(partial, res)  # atomic: a kill never corrupts hours of steps
 
     def out_of_time() -> bool:
         return time.perf_counter() - t_run > 60 * args.minutes
@@ -278,7 +277,7 @@ def main() -> int:
                   out.with_name(f"{out.stem}-{label}-{method}.png"))
     res["table"] = markdown_table(HEADER, rows_of(res))
     res["lga_conventions"] = {label: d["lga_convention"] for label, d in data.items()}
-    write_json(out, {k: v for k, v in res.items() if k != "brute_parts"}, indent=1, default=str)  # parts: in choices
+    save_json(out, {k: v for k, v in res.items() if k != "brute_parts"})  # parts: in choices
     print(res["table"])
     return 0
 

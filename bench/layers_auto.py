@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import CORPUS, DATA, RESULTS, machine, markdown_table, require_data  # bench/common.py
+from common import CORPUS, DATA, RESULTS, machine, markdown_table, require_data, save_json, save_text  # bench/common.py
 
 from kedit.eval.metrics import bootstrap_ci, harmonic_mean, score_keys
 
@@ -59,7 +59,7 @@ def run_eval(args: argparse.Namespace, label: str, method: str, arm: str, out: P
     decision = [ln for ln in proc.stderr.splitlines() if "--layers auto:" in ln]
     rec = {"command": "kedit " + " ".join(cmd[3:]), "seconds": time.perf_counter() - t0,
            "auto_decision": decision[-1] if decision else None}
-    meta.write_text(json.dumps(rec, indent=1))
+    save_json(meta, rec)
     return rec
 
 
@@ -139,8 +139,8 @@ def main() -> int:
     header = ["dataset", "method", "default layers", "auto layers", "n", "rank score default / auto",
               "auto - default [95% CI]", "S default / auto (diff [CI])", "seconds auto / default", "verdict"]
     result["table"] = markdown_table(header, rows)
-    (root / "layers_auto.json").write_text(json.dumps(result, indent=1, default=str))
-    (root / "table.md").write_text(result["table"] + "\n")
+    save_json(root / "layers_auto.json", result)
+    save_text(root / "table.md", result["table"] + "\n")
     print(result["table"])
     return 0
 

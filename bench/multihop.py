@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import anchor_dir, machine  # bench/common.py (scripts run as bench/<name>.py)
+from common import anchor_dir, machine, save_json, save_text  # bench/common.py (scripts run as bench/<name>.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # never copied into the repo
@@ -57,7 +57,6 @@ def command(dataset: str, run: str, n: int) -> list[str]:
 
 def run_all(args: argparse.Namespace) -> None:
     from kedit.cli import main
-    from kedit.io import write_json
 
     info = machine()
     for ds, n in (("mquake", args.n_mquake), ("portability", args.n_portability)):
@@ -74,7 +73,7 @@ def run_all(args: argparse.Namespace) -> None:
             s["timings"]["wall_s"] = time.perf_counter() - t0
             s["config"]["machine"] = info
             s["config"]["kedit_command"] = "kedit " + " ".join(argv)  # config.command is this script's argv
-            write_json(out, s, indent=1, default=str)
+            save_json(out, s)
 
 
 def cell(entry: dict | None) -> str:
@@ -122,10 +121,10 @@ def write_table() -> int:
             lines += table(ds, keys, out[ds])
             cav = next(iter(out[ds].values())).get("caveats", [])
             lines += [f"- caveat: {c}" for c in cav] + ([""] if cav else [])
-    (RESULTS / "multihop_table.md").write_text("\n".join(lines))
+    save_text(RESULTS / "multihop_table.md", "\n".join(lines))
     slim = {ds: {r: {k: v for k, v in s.items() if k not in ("trajectory",)} for r, s in runs.items()}
             for ds, runs in out.items()}
-    (RESULTS / "multihop_summary.json").write_text(json.dumps(slim, indent=1, default=str))
+    save_json(RESULTS / "multihop_summary.json", slim)
     print("\n".join(lines))
     return 0
 

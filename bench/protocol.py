@@ -46,8 +46,9 @@ from common import (  # bench/common.py
     checkpoint_dir,
     machine,
     require_data,
+    save_json,
 )
-from protocol_outputs import COLUMNS, EXTRA_TARGETS, fmt_lam, write_json, write_outputs
+from protocol_outputs import COLUMNS, EXTRA_TARGETS, fmt_lam, write_outputs
 
 OUT = RESULTS / "protocol"
 PATHS = {"counterfact": DATA / "counterfact_mend_format" / "counterfact-edit.json",  # 10,000 records, MEND format
@@ -254,7 +255,7 @@ def run_scaling(ctx: Ctx) -> None:
         log(ctx, f"scaling {ds} n={size} {solver}/{targets}")
         row = batch_row(ctx, ds, data, data.cases, solver, targets, ctx.args.lam,
                         {"mode": "scaling", "nested": "first N records of the file (sets nested across sizes)"})
-        write_json(path, row)
+        save_json(path, row)
         seen.add(anchor_key(ds, size, targets))
 
 
@@ -336,10 +337,10 @@ def run_sequential(ctx: Ctx) -> None:
                 ckpt["w_out"] = {l: ad.w_out_storage(l).detach().cpu().clone() for l in editor.layers}
                 ckpt["state"] = editor.state
                 atomic_write(ckpt_path, lambda tmp, c=ckpt: torch.save(c, tmp))
-                write_json(d / "progress.json", ckpt["batches"])  # a readable mirror of the checkpoint
+                save_json(d / "progress.json", ckpt["batches"])  # a readable mirror of the checkpoint
             final = _evaluate(ev, cases, pre, range(len(cases)))
             cfg = editor.config()
-            write_json(d / "result.json", {
+            save_json(d / "result.json", {
                 "mode": "sequential", "dataset": "counterfact", "kind": "counterfact", "solver": solver,
                 "targets": targets, "lam": solver_lam(cfg), "n": len(cases), "batch_size": args.seq_batch,
                 "evaluated": f"all {len(cases)} records after the last of {len(batches)} batches (state carried); "
@@ -378,7 +379,7 @@ def run_compare(ctx: Ctx) -> None:
             if not ctx.time_left(estimate_edit(ctx, args.compare_n, targets, True)):
                 return
             log(ctx, f"compare {ds} {solver}/{targets} lam {fmt_lam(lam)}")
-            write_json(path, batch_row(ctx, ds, report, report.cases, solver, targets, lam, {"mode": "compare"}))
+            save_json(path, batch_row(ctx, ds, report, report.cases, solver, targets, lam, {"mode": "compare"}))
         if not has_lam(solver):
             continue
         tuned_path = base / f"{solver}_{targets}_tuned.json"
@@ -397,7 +398,7 @@ def run_compare(ctx: Ctx) -> None:
                 if not ctx.time_left(estimate_edit(ctx, args.proxy_n, targets, True)):
                     return
                 log(ctx, f"compare {ds} {solver}/{targets} proxy lam {fmt_lam(lam)}")
-                write_json(path, batch_row(ctx, ds, proxy, proxy.cases, solver, targets, lam,
+                save_json(path, batch_row(ctx, ds, proxy, proxy.cases, solver, targets, lam,
                                            {"mode": "compare-proxy"}))
             scores[lam] = tuning_score(json.loads(path.read_text())["metrics"], kind)
         valid = {lam: s for lam, s in scores.items() if s is not None}
@@ -406,8 +407,8 @@ def run_compare(ctx: Ctx) -> None:
         if not row_path.is_file():  # a tuned lam outside the reported grid: one more reported-slice run
             if not ctx.time_left(estimate_edit(ctx, args.compare_n, targets, True)):
                 return
-            write_json(row_path, batch_row(ctx, ds, report, report.cases, solver, targets, best, {"mode": "compare"}))
-        write_json(tuned_path, {"mode": "compare-tuned", "dataset": ds, "solver": solver, "targets": targets,
+            save_json(row_path, batch_row(ctx, ds, report, report.cases, solver, targets, best, {"mode": "compare"}))
+        save_json(tuned_path, {"mode": "compare-tuned", "dataset": ds, "solver": solver, "targets": targets,
                                 "lam": best, "tuned_on": describe_data(proxy, args.proxy_n),
                                 "score": "S (harmonic mean of ES, PS, NS)" if kind == "counterfact" else
                                 "harmonic mean of zsRE efficacy/generalisation token acc and specificity agreement",

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import markdown_table  # bench/common.py
+from common import markdown_table, save_json, save_text  # bench/common.py
 
 EXTRA_TARGETS = ("onelayer", "blue")  # scaling only, memit only: the single-layer and two-anchor baselines
 # (column label, summary key) per dataset kind; every key is a row of kedit.eval.metrics.METRICS
@@ -262,15 +262,14 @@ def write_outputs(out: Path) -> int:
         return 1
     for name, part in (("scaling", sc), ("sequential", sq), ("compare", cp)):
         if part:
-            (out / f"{name}.md").write_text("\n".join(part))
+            save_text(out / f"{name}.md", "\n".join(part))
     info = _any_machine(out)
     # the answer is written by a person from the tables (answer.md beside them); regenerating keeps it
     answer_file = out / "answer.md"
     answer = (answer_file.read_text().strip() if answer_file.is_file() else
               "_Not written yet: put the per-solver answer (does forward beat backward, by how much, at which "
               "batch sizes, inside or outside the CIs?) in answer.md beside this file._")
-    write_json(out / "protocol.json", {"machine": info, "scaling": sc_slim, "sequential": sq_slim,
-                                       "compare": cp_slim}, indent=1, default=str)
+    save_json(out / "protocol.json", {"machine": info, "scaling": sc_slim, "sequential": sq_slim, "compare": cp_slim})
     readme = [
         "# Issue 11: the forward-replay claim, unconfounded (SmolLM2-135M)", "",
         "**Question.** Does forward replay (anchor at the first edited layer, later targets from one forward "
@@ -288,7 +287,7 @@ def write_outputs(out: Path) -> int:
         "## Sequential editing (state carried across batches)", "", *(sq or ["Not run yet."]), "",
         "## lam grid and tuned lam", "", *(cp or ["Not run yet."]), "",
         "## For reference: the paper", "", PAPER, ""]
-    (out / "README.md").write_text("\n".join(readme))
+    save_text(out / "README.md", "\n".join(readme))
     print("\n".join(readme))
     return 0
 
@@ -304,9 +303,3 @@ def _any_machine(out: Path) -> dict[str, Any]:
                 return m
     return {}
 
-
-def write_json(path: Path, obj: Any, **kw: Any) -> None:
-    """Atomic JSON (kedit.io), indented, non-JSON values as strings."""
-    from kedit.io import write_json as atomic_json
-
-    atomic_json(path, obj, **({"indent": 1, "default": str} | kw))

@@ -26,7 +26,18 @@ import json
 import sys
 import time
 
-from common import CORPUS, DATA, RESULTS, Recording, anchor_dir, machine, metric_cell, require_data  # bench/common.py
+from common import (  # bench/common.py
+    CORPUS,
+    DATA,
+    RESULTS,
+    Recording,
+    anchor_dir,
+    machine,
+    metric_cell,
+    require_data,
+    save_json,
+    save_text,
+)
 
 OUT = RESULTS / "protocol" / "fixes"
 LAM = 15000.0
@@ -92,9 +103,8 @@ def run_rows(args: argparse.Namespace) -> None:
         rep.timings["wall_s"] = time.perf_counter() - t0
         rep.timings["optimize_s"] = sum(r["timings"]["optimize"] for r in editor.records[:1])
         write(rep, out, html=False)
-        (out / "records.json").write_text(json.dumps(
-            [{"anchors": r["anchors"], "diagnostics": r.get("diagnostics", []), "timings": r["timings"]}
-             for r in editor.records[:3]], indent=1, default=str))
+        save_json(out / "records.json", [{"anchors": r["anchors"], "diagnostics": r.get("diagnostics", []),
+                                          "timings": r["timings"]} for r in editor.records[:3]])
         print(f"[bench] {name}: {rep.timings}", file=sys.stderr, flush=True)
     if "trace" not in args.skip:
         trace_rows(model, tok, args)
@@ -116,7 +126,7 @@ def trace_rows(model, tok, args: argparse.Namespace) -> None:
         res[answer] = {"layers": choice.layers, "scores": choice.scores, "seconds": choice.seconds,
                        "stability": choice.details.get("stability"),
                        "answer_matches_dataset": choice.details.get("answer_matches_dataset")}
-    path.write_text(json.dumps({"n": len(requests), **res}, indent=1))
+    save_json(path, {"n": len(requests), **res})
 
 
 def table() -> int:
@@ -150,8 +160,8 @@ def table() -> int:
         lines += ["", f"Causal tracing on the first {t['n']} records: traced token = dataset answer -> layer "
                   f"{t['dataset']['layers']}; = the model's own prediction (ROME) -> layer {t['predicted']['layers']}."]
         rows["tracing"] = t
-    (OUT / "fixes.md").write_text("\n".join(lines) + "\n")
-    (OUT / "fixes.json").write_text(json.dumps({"machine": m, "rows": rows}, indent=1, default=str))
+    save_text(OUT / "fixes.md", "\n".join(lines) + "\n")
+    save_json(OUT / "fixes.json", {"machine": m, "rows": rows})
     print("\n".join(lines))
     return 0
 

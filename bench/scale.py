@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine  # bench/common.py (scripts run as bench/<name>.py)
+from common import machine, save_json  # bench/common.py (scripts run as bench/<name>.py)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scale.json"
@@ -175,10 +175,7 @@ def child(name: str, dtype_name: str, out: Path) -> None:
     result = {"shape": name, "dtype": dtype_name, "d": d, "f": f, "depth": depth, "vocab": len(tok),
               "params": sum(p.numel() for p in model.parameters()), "layers": layers, "stats_tokens": n_tok,
               "phases": ph.out, "normalised": per, "settings": SETTINGS}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out)
+    save_json(out, result)
 
 
 def fit(runs: list[dict], metric: str) -> dict:
@@ -244,7 +241,7 @@ def main() -> int:
                          "vocabulary 49152 (SmolLM2 tokenizer) in every shape, also in the 8B extrapolation; "
                          "Llama-3's 128256 makes the anchors' logits ~2.6x larger",
                          "stats stop after the deepest edited layer (2 layers edited here, 5 in the job)"]}
-    RESULTS.write_text(json.dumps(summary, indent=1))
+    save_json(RESULTS, summary)
     cols = ["build_s", "stats_s_per_10k_tokens", "anchors_s_per_request", "keys_s_per_layer_request",
             "solve_s_per_layer", "apply_s_per_layer"]
     print(f"{'shape':<14}{'dtype':<10}{'params':>8} " + " ".join(f"{c[:14]:>14}" for c in cols) + "  peakRSS GB")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import CORPUS, RESULTS, machine, require_data  # bench/common.py (scripts run as bench/<name>.py)
+from common import CORPUS, RESULTS, machine, require_data, save_json  # bench/common.py (scripts run as bench/<name>.py)
 from torch import nn
 
 import kedit.stats as stats_mod
@@ -114,8 +114,7 @@ def main() -> int:
     if args.ablations:
         result["ablations"] = ablations(rows, args, one_pass, plain_forward)
     result["machine"]["loadavg_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    save_json(args.out, result)
     print(json.dumps(result, indent=1))
     return 0
 
