@@ -18,7 +18,10 @@ SmolLM2-135M, the editor's default layers (4-8), second moments over wikitext-2 
     plus a "tuned" row per (solver, construction) whose lam maximises S on a disjoint proxy set (the last
     --proxy-n records of the file, never in the reported slice).
 Every row states its solver's lam, passed explicitly (the same for every construction; solvers without
-a preservation weight say "-"). Anchors do not depend on the solver or lam: editors share one anchor
+a preservation weight say "-"). ``--lam tuned`` instead gives each (solver, construction) of scaling and
+sequential the lam the compare mode tuned for it on the proxy set (compare runs first in one invocation):
+those rows are extra (``*_tuned``), beside the fixed-lam ones, and redone if the tuned lam changes.
+Anchors do not depend on the solver or lam: editors share one anchor
 cache (common.anchor_dir), so each construction optimises once per request set and layer.
 Finished rows are kept (delete a JSON to redo it); --minutes stops cleanly before the budget and a
 second call continues. Every JSON records the machine, command, versions, data slice and hyperparameters.
@@ -59,6 +62,7 @@ SOLVERS = {"scaling": ("memit", "alphaedit", "emmet"), "sequential": ("memit", "
            "compare": ("memit", "alphaedit", "emmet", "prune", "rect")}
 ZSRE_CONVENTIONS = {"zsre-answers": "answers", "zsre-alt": "alt"}  # answers[0] = ROME/MEMIT, alt = EasyEdit
 # default rates (SmolLM2-135M, 2 CPU cores) for the cost estimate until finished rows give measured ones
+DEFAULT_LAM = 15000.0  # scaling and sequential rows (every solver with a lam), unless --lam says otherwise
 DEFAULT_RATES = {"anchor_s_per_request": 1.0, "eval_s_per_record": 0.05, "solve_s_per_request_layer": 0.07,
                  "health_s": 20.0}
 
@@ -158,6 +162,35 @@ def solver_lam(cfg: dict[str, Any]) -> float | None:
     return lam
 
 
+def lam_for(ctx: Ctx, ds: str, solver: str, targets: str, missing_ok: bool = False
+            ) -> tuple[float | None, str] | None:
+    """(lam, name suffix) of a scaling or sequential unit under ``--lam``; None: no such unit (``--lam tuned``
+    and a solver or construction the compare mode does not tune). Tuned lams come from compare's rows on
+    the same dataset (sequential: CounterFact's); a missing one stops the run with the command that makes it
+    (``missing_ok``: lam None, for an estimate made before this invocation's compare mode tunes it)."""
+    if ctx.args.lam != "tuned":
+        return ctx.args.lam, ""
+    if not has_lam(solver) or targets not in ("backward", "forward"):
+        return None
+    cmp_ds = "counterfact" if ds == "sequential" else ds
+    path = ctx.out / "compare" / cmp_ds / f"{solver}_{targets}_tuned.json"
+    if not path.is_file() and missing_ok:
+        return None, "_tuned"
+    if not path.is_file():
+        print(f"protocol.py: --lam tuned needs {path}: run --modes compare --datasets {cmp_ds} first",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return float(json.loads(path.read_text())["lam"]), "_tuned"
+
+
+def done_with(path: Path, lam: float | None) -> bool:
+    """A finished row (or sequential result) at this lam; a tuned row whose tuned lam has changed is not."""
+    if not path.is_file():
+        return False
+    row = json.loads(path.read_text())
+    return row.get("lam_policy") != "tuned" or row.get("lam") == lam
+
+
 def make_editor(ctx: Ctx, solver: str, targets: str, lam: float | None):
     from kedit.editor import Editor
 
@@ -243,20 +276,43 @@ def anchor_key(ds: str, size: int, targets: str) -> tuple:
     return ds, size, "last" if targets in ("backward", "onelayer") else targets
 
 
+def scaling_plan(ctx: Ctx, missing_ok: bool = False) -> list[tuple[tuple[str, int, str, str], float | None,
+                                                                  Path, bool]]:
+    """(unit, lam, row path, finished) for every scaling unit under ``--lam``."""
+    plan = []
+    for ds, size, solver, targets in scaling_units(ctx.args):
+        lam_suffix = lam_for(ctx, ds, solver, targets, missing_ok)
+        if lam_suffix is not None:
+            lam, suffix = lam_suffix
+            path = ctx.out / "scaling" / ds / f"n{size}_{solver}_{targets}{suffix}.json"
+            plan.append(((ds, size, solver, targets), lam, path, done_with(path, lam)))
+    return plan
+
+
 def run_scaling(ctx: Ctx) -> None:
-    units = [(u, ctx.out / "scaling" / u[0] / f"n{u[1]}_{u[2]}_{u[3]}.json") for u in scaling_units(ctx.args)]
-    seen = {anchor_key(ds, size, t) for (ds, size, _, t), path in units if path.is_file()}  # in the anchor cache
-    for (ds, size, solver, targets), path in units:
-        if path.is_file():
+    plan = scaling_plan(ctx)
+    # anchors of finished rows are in the anchor cache (they depend on neither solver nor lam)
+    seen = {anchor_key(ds, size, t) for (ds, size, _, t), _, path, _ in plan if path.is_file()}
+    for (ds, size, solver, targets), lam, path, done in plan:
+        if done:
             continue
         if not ctx.time_left(estimate_edit(ctx, size, targets, anchor_key(ds, size, targets) in seen)):
             continue  # a later unit (anchors already optimised) may still fit
         data = ctx.dataset(ds, n=size)
-        log(ctx, f"scaling {ds} n={size} {solver}/{targets}")
-        row = batch_row(ctx, ds, data, data.cases, solver, targets, ctx.args.lam,
-                        {"mode": "scaling", "nested": "first N records of the file (sets nested across sizes)"})
+        log(ctx, f"scaling {ds} n={size} {solver}/{targets} lam {fmt_lam(lam)}")
+        row = batch_row(ctx, ds, data, data.cases, solver, targets, lam,
+                        {"mode": "scaling", "nested": "first N records of the file (sets nested across sizes)",
+                         **lam_policy(ctx)})
         save_json(path, row)
         seen.add(anchor_key(ds, size, targets))
+
+
+def lam_policy(ctx: Ctx) -> dict[str, str]:
+    """What a row records about how its lam was chosen."""
+    if ctx.args.lam == "tuned":
+        return {"lam_policy": "tuned", "lam_source": "the compare mode's tuned lam for this solver and "
+                "construction (chosen on its disjoint proxy records), transferred to this batch size / protocol"}
+    return {"lam_policy": "fixed"}
 
 
 # -- sequential ------------------------------------------------------------------------------------------------
@@ -274,23 +330,35 @@ def _evaluate(ev, cases: list, pre: list, idx: Sequence[int]) -> dict[str, Any]:
     return summarize(recs, ev.seed, ev.n_boot)
 
 
+def sequential_units(ctx: Ctx, missing_ok: bool = False) -> list[tuple[str, str, float | None, Path]]:
+    """(solver, targets, lam, result folder) of every sequential run under ``--lam``."""
+    args, units = ctx.args, []
+    if "counterfact" not in expand_datasets(args.datasets):
+        return []
+    for s in solvers_for(args, "sequential"):
+        for t in targets_for(args):
+            lam_suffix = lam_for(ctx, "sequential", s, t, missing_ok) if t in ("backward", "forward") else None
+            if lam_suffix is not None:
+                units.append((s, t, lam_suffix[0], ctx.out / "sequential" / f"{s}_{t}{lam_suffix[1]}"))
+    return units
+
+
 def run_sequential(ctx: Ctx) -> None:
     import torch
 
     from kedit.io import atomic_write
 
     args = ctx.args
-    units = [(s, t) for s in solvers_for(args, "sequential") for t in targets_for(args) if t in ("backward", "forward")]
-    if not units or "counterfact" not in expand_datasets(args.datasets):
+    units = sequential_units(ctx)
+    if not units:
         return
     data = ctx.dataset("sequential", n=args.seq_n)
     cases = data.cases
     batches = [list(range(s, min(s + args.seq_batch, len(cases)))) for s in range(0, len(cases), args.seq_batch)]
     ev, pre, health_before, base_fp = ctx.evaluator("sequential"), None, None, None
     keys = [k for _, k in COLUMNS["counterfact"]]
-    for solver, targets in units:
-        d = ctx.out / "sequential" / f"{solver}_{targets}"
-        if (d / "result.json").is_file():
+    for solver, targets, lam, d in units:
+        if done_with(d / "result.json", lam):
             continue
         if not ctx.time_left(estimate_edit(ctx, args.seq_batch, targets, False) + ctx.rates["health_s"]):
             return
@@ -300,10 +368,12 @@ def run_sequential(ctx: Ctx) -> None:
             base_fp = model_fingerprint(ctx.setup.model)
             pre = ev.measure(cases)
             health_before = ctx.health.measure()
-        editor = make_editor(ctx, solver, targets, args.lam)
+        editor = make_editor(ctx, solver, targets, lam)
         ad = editor.adapter
         originals = {l: ad.w_out_storage(l).detach().clone() for l in editor.layers}
-        ckpt_path = checkpoint_dir(ctx.out) / f"sequential_{solver}_{targets}.pt"
+        # a tuned run's lam in the name: a checkpoint made under another tuned lam is never resumed
+        tag = f"{d.name}_lam{fmt_lam(lam)}" if d.name.endswith("_tuned") else d.name
+        ckpt_path = checkpoint_dir(ctx.out) / f"sequential_{tag}.pt"
         ckpt = {"batches": [], "w_out": {}, "state": None}
         editor.templates  # noqa: B018 (sampled now, from the unedited weights, as in an uninterrupted run)
         if ckpt_path.is_file():  # resume: the edited weights and the solver state after the last finished batch
@@ -342,7 +412,8 @@ def run_sequential(ctx: Ctx) -> None:
             cfg = editor.config()
             save_json(d / "result.json", {
                 "mode": "sequential", "dataset": "counterfact", "kind": "counterfact", "solver": solver,
-                "targets": targets, "lam": solver_lam(cfg), "n": len(cases), "batch_size": args.seq_batch,
+                "targets": targets, "lam": solver_lam(cfg), **lam_policy(ctx), "n": len(cases),
+                "batch_size": args.seq_batch,
                 "evaluated": f"all {len(cases)} records after the last of {len(batches)} batches (state carried); "
                              "first/current batch and health after every batch",
                 "metrics": slim_summary(final, "counterfact"), "batches": ckpt["batches"],
@@ -383,8 +454,9 @@ def run_compare(ctx: Ctx) -> None:
         if not has_lam(solver):
             continue
         tuned_path = base / f"{solver}_{targets}_tuned.json"
-        if tuned_path.is_file():
-            continue
+        if tuned_path.is_file() and set(json.loads(tuned_path.read_text())["proxy_scores"]) == {
+                fmt_lam(lam) for lam in args.tune_grid}:
+            continue  # tuned over this grid (another grid re-tunes, reusing the proxy rows it shares)
         total = report.n_records
         if total < args.compare_n + args.proxy_n:
             raise SystemExit(f"protocol.py: {ds} has {total} records: too few for --compare-n {args.compare_n} "
@@ -402,7 +474,7 @@ def run_compare(ctx: Ctx) -> None:
                                            {"mode": "compare-proxy"}))
             scores[lam] = tuning_score(json.loads(path.read_text())["metrics"], kind)
         valid = {lam: s for lam, s in scores.items() if s is not None}
-        best = max(valid, key=lambda lam: (valid[lam], -lam)) if valid else args.lam  # ties: the smaller lam
+        best = max(valid, key=lambda lam: (valid[lam], -lam)) if valid else DEFAULT_LAM  # ties: the smaller lam
         row_path = base / f"{solver}_{targets}_lam{fmt_lam(best)}.json"
         if not row_path.is_file():  # a tuned lam outside the reported grid: one more reported-slice run
             if not ctx.time_left(estimate_edit(ctx, args.compare_n, targets, True)):
@@ -466,16 +538,16 @@ def estimate(ctx: Ctx) -> dict[str, Any]:
     a, est = ctx.args, {}
     if "scaling" in a.modes:
         seen, total, n = set(), 0.0, 0
-        for ds, size, solver, targets in scaling_units(a):
+        for (ds, size, _, targets), _, _, done in scaling_plan(ctx, missing_ok="compare" in a.modes):
             key = anchor_key(ds, size, targets)
-            if not (ctx.out / "scaling" / ds / f"n{size}_{solver}_{targets}.json").is_file():
+            if not done:
                 total += estimate_edit(ctx, size, targets, key in seen)
                 n += 1
             seen.add(key)
         est["scaling"] = (n, total)
     if "sequential" in a.modes:
-        units = [(s, t) for s in solvers_for(a, "sequential") for t in targets_for(a) if t in ("backward", "forward")]
-        todo = [u for u in units if not (ctx.out / "sequential" / "_".join(u) / "result.json").is_file()]
+        units = sequential_units(ctx, missing_ok="compare" in a.modes)
+        todo = [u for u in units if not done_with(u[3] / "result.json", u[2])]
         batches = -(-a.seq_n // a.seq_batch)
         rate = ctx.rates["eval_s_per_record"]
         per = batches * (estimate_edit(ctx, a.seq_batch, "forward", False) + ctx.rates["health_s"]
@@ -508,6 +580,10 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
+def lam_arg(text: str) -> float | str:
+    return text if text == "tuned" else float(text)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--modes", default="scaling,sequential,compare", type=lambda s: s.split(","))
@@ -517,12 +593,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--solvers", type=lambda s: s.split(","), default=None, help="restrict every mode's solvers")
     p.add_argument("--targets", type=lambda s: s.split(","), default=["backward", "forward", *EXTRA_TARGETS])
     p.add_argument("--layers", type=ints, default=None, help="edited layers (default: the editor's, 4-8)")
-    p.add_argument("--lam", type=float, default=15000.0, help="lam of scaling and sequential rows, every solver")
+    p.add_argument("--lam", type=lam_arg, default=DEFAULT_LAM,
+                   help="lam of scaling and sequential rows, every solver; 'tuned': each one's tuned lam (compare)")
     p.add_argument("--seq-n", type=int, default=500)
     p.add_argument("--seq-batch", type=int, default=50)
     p.add_argument("--health-tokens", type=int, default=20000)
     p.add_argument("--lam-grid", type=floats, default=[5000.0, 15000.0])
-    p.add_argument("--tune-grid", type=floats, default=[1000.0, 5000.0, 15000.0, 50000.0])
+    p.add_argument("--tune-grid", type=floats, default=[100.0, 300.0, 1000.0, 5000.0, 15000.0, 50000.0])
     p.add_argument("--compare-n", type=int, default=200, help="reported records of the lam comparison")
     p.add_argument("--proxy-n", type=int, default=50, help="proxy records that tune lam (the file's last ones)")
     p.add_argument("--minutes", type=float, default=600.0, help="start no unit that would end after this")
@@ -565,7 +642,7 @@ def main(argv: Sequence[str] | None = None, setup: Setup | None = None) -> int:
 
         ctx.health = Health(setup.model, setup.tok, open_corpus(setup.paths["health"]), tokens=args.health_tokens)
     before = _result_stamps(out)
-    for mode, fn in (("scaling", run_scaling), ("sequential", run_sequential), ("compare", run_compare)):
+    for mode, fn in (("compare", run_compare), ("scaling", run_scaling), ("sequential", run_sequential)):
         if mode in args.modes and not ctx.stopped:
             fn(ctx)
     if _result_stamps(out) != before or not (out / "README.md").is_file():  # nothing new: outputs stand

@@ -39,6 +39,15 @@ def fmt_lam(lam: float | None) -> str:
     return "-" if lam is None else f"{lam:g}"
 
 
+def tuned(row: dict[str, Any]) -> bool:
+    """A row whose lam is the compare mode's tuned one (``--lam tuned``), not the protocol's fixed lam."""
+    return row.get("lam_policy") == "tuned"
+
+
+def lam_cell(row: dict[str, Any]) -> str:
+    return f"tuned: {fmt_lam(row.get('lam'))}" if tuned(row) else fmt_lam(row.get("lam"))
+
+
 def mean(entry: dict | None) -> float | None:
     return None if not entry else entry.get("mean")
 
@@ -59,14 +68,14 @@ def _diag_cells(row: dict[str, Any]) -> list[object]:
 def scaling_outputs(out: Path) -> tuple[list[str], dict[str, Any]]:
     lines, slim = [], {}
     for folder in sorted((out / "scaling").glob("*")):
-        rows = sorted(_rows(folder), key=lambda r: (r["n"], r["solver"], r["targets"]))
+        rows = sorted(_rows(folder), key=lambda r: (r["n"], r["solver"], r["targets"], tuned(r)))
         if not rows:
             continue
         ds, kind = folder.name, rows[0]["kind"]
         cols = COLUMNS[kind]
         header = ["n", "solver", "lam", "targets", *(c for c, _ in cols), "residual ratio per layer",
                   "‖Delta‖ per layer", "anchors s", "solve s"]
-        body = [[r["n"], r["solver"], fmt_lam(r["lam"]), r["targets"], *(mean(r["metrics"].get(k)) for _, k in cols),
+        body = [[r["n"], r["solver"], lam_cell(r), r["targets"], *(mean(r["metrics"].get(k)) for _, k in cols),
                  *_diag_cells(r)] for r in rows]
         pre = {k: (r["metrics"].get(k) or {}).get("pre") for r in rows[:1] for _, k in cols}
         d = rows[0]["data"]
@@ -75,14 +84,15 @@ def scaling_outputs(out: Path) -> tuple[list[str], dict[str, Any]]:
                   + ", ".join(f"{c} {mean(pre.get(k)):.3f}" for c, k in cols if mean(pre.get(k)) is not None), "",
                   markdown_table(header, body), "", *(f"![{ds} {f}](scaling-{ds}-{f}.png)" for f in
                                                        (*FAMILIES[kind], "diagnostics")), ""]
-        slim[ds] = [{k: r[k] for k in ("n", "solver", "lam", "targets", "metrics", "diagnostics", "seconds")}
-                    for r in rows]
+        slim[ds] = [{k: r.get(k) for k in ("n", "solver", "lam", "lam_policy", "targets", "metrics", "diagnostics",
+                                           "seconds")} for r in rows]
         plot_scaling(rows, kind, ds, out)
     return lines, slim
 
 
 def plot_scaling(rows: list[dict], kind: str, ds: str, out: Path) -> None:
-    """One PNG per metric family vs batch size (log x): backward | forward panels, one line per solver."""
+    """One PNG per metric family vs batch size (log x): backward | forward panels, one line per solver at the
+    fixed lam; rows at a tuned lam as stars in the solver's colour."""
     import matplotlib.ticker
 
     from kedit.eval.report import _pyplot  # the project's headless pyplot setup
@@ -102,10 +112,16 @@ def plot_scaling(rows: list[dict], kind: str, ds: str, out: Path) -> None:
             for i, (name, get) in enumerate(getters.items()):
                 ax = axes[i][col]
                 for solver in solvers:
-                    pts = sorted((r["n"], get(r)) for r in rows if r["solver"] == solver and r["targets"] == targets)
-                    pts = [(n, v) for n, v in pts if v is not None]
-                    if pts:
-                        ax.plot(*zip(*pts, strict=True), marker="o", label=solver)
+                    color = SOLVER_STYLE.get(solver, ("tab:gray", "x"))[0]
+                    for is_tuned in (False, True):
+                        pts = sorted((r["n"], get(r)) for r in rows if r["solver"] == solver
+                                     and r["targets"] == targets and tuned(r) == is_tuned)
+                        pts = [(n, v) for n, v in pts if v is not None]
+                        if pts and is_tuned:
+                            ax.scatter(*zip(*pts, strict=True), marker="*", s=90, color=color, zorder=3,
+                                       label=f"{solver}, tuned lam")
+                        elif pts:
+                            ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=solver)
                 for base in EXTRA_TARGETS:  # the baselines, dashed, in both panels
                     pts = sorted((r["n"], get(r)) for r in rows if r["targets"] == base)
                     pts = [(n, v) for n, v in pts if v is not None]
@@ -141,11 +157,12 @@ def sequential_outputs(out: Path) -> tuple[list[str], dict[str, Any]]:
               "perplexity", "health top1"]
     body = []
     for name, r in runs.items():
-        solver, targets = name.split("_")
+        solver, targets = name.split("_")[:2]
         last = r["batches"][-1] if r["batches"] else {}
         health = last.get("health", {})
         n_batches = f"{len(r['batches'])} (unfinished)" if r.get("unfinished") else len(r["batches"])
-        body.append([solver, targets, fmt_lam(r.get("lam")), n_batches,
+        lam = lam_cell(r) if "lam" in r else ("tuned" if name.endswith("_tuned") else "?")  # unfinished: no lam
+        body.append([solver, targets, lam, n_batches,
                      *(mean(r["metrics"].get(k)) for _, k in cols),
                      last.get("first_batch", {}).get("efficacy_score"),
                      health.get("health_perplexity"), health.get("health_top1_agreement")])
@@ -175,12 +192,13 @@ def prune_restraint_lines(runs: dict[str, dict]) -> list[str]:
 SEQ_TITLES = {"efficacy_score": "efficacy (ES)", "efficacy_acc": "efficacy accuracy (EA)",
               "health_perplexity": "wikitext perplexity (lower is better)",
               "health_top1_agreement": "unrelated prompts: top-1 agreement", "health_kl": "unrelated prompts: KL"}
-SEQ_STYLE = {"memit": ("tab:blue", "o"), "alphaedit": ("tab:orange", "s"), "prune": ("tab:green", "^"),
+SOLVER_STYLE = {"memit": ("tab:blue", "o"), "alphaedit": ("tab:orange", "s"), "prune": ("tab:green", "^"),
              "rect": ("tab:red", "v"), "emmet": ("tab:purple", "D")}
 
 
 def plot_sequential(runs: dict[str, dict], out: Path) -> None:
-    """One colour and marker per solver, solid forward / dashed backward (equal runs stay visible as markers)."""
+    """One colour and marker per solver, solid forward / dashed backward (equal runs stay visible as markers);
+    runs at a tuned lam: stars, thicker."""
     from kedit.eval.report import _pyplot
 
     plt = _pyplot()
@@ -194,10 +212,13 @@ def plot_sequential(runs: dict[str, dict], out: Path) -> None:
                 pts = [(b["n_edited"], b.get(group, {}).get(key)) for b in r["batches"]]
                 pts = [(n, v) for n, v in pts if v is not None]
                 if pts:
-                    solver, targets = name.split("_")
-                    color, marker = SEQ_STYLE.get(solver, ("tab:gray", "x"))
-                    ax.plot(*zip(*pts, strict=True), color=color, marker=marker, markersize=4, alpha=0.85,
-                            ls="-" if targets == "forward" else "--", label=f"{solver} {targets}")
+                    solver, targets = name.split("_")[:2]
+                    color, marker = SOLVER_STYLE.get(solver, ("tab:gray", "x"))
+                    is_tuned = name.endswith("_tuned")
+                    ax.plot(*zip(*pts, strict=True), color=color, marker="*" if is_tuned else marker,
+                            markersize=7 if is_tuned else 4, alpha=0.85, lw=2.2 if is_tuned else 1.5,
+                            ls="-" if targets == "forward" else "--",
+                            label=f"{solver} {targets}" + (f" (tuned lam {fmt_lam(r.get('lam'))})" if is_tuned else ""))
             where = {"first_batch": "first batch: ", "current_batch": "latest batch: ", "health": ""}[group]
             ax.set_title(where + SEQ_TITLES.get(key, key), fontsize=9)
             ax.set_xlabel("edits applied")

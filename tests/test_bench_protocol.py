@@ -141,6 +141,38 @@ def test_protocol_end_to_end_and_resume(tmp_path, files, tiny_tok, monkeypatch):
         assert mod.main([*ARGS, "--out", str(out)], setup=setup) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name != "protocol.json")
 
+    # --lam tuned: extra scaling and sequential runs at compare's tuned lam, beside the fixed-lam ones
+    tuned_args = [*ARGS, "--modes", "scaling,sequential", "--solvers", "memit,alphaedit", "--targets", "forward",
+                  "--sizes", "2", "--lam", "tuned", "--out", str(out)]
+    with pytest.raises(SystemExit) as exc:  # a tuned lam missing: one line, exit 2, before anything runs
+        (cmp_dir / "memit_forward_tuned.json").rename(tmp_path / "kept.json")
+        mod.main(tuned_args, setup=setup)
+    assert exc.value.code == 2
+    (tmp_path / "kept.json").rename(cmp_dir / "memit_forward_tuned.json")
+    lam = json.loads((cmp_dir / "memit_forward_tuned.json").read_text())["lam"]
+    assert mod.main(tuned_args, setup=setup) == 0
+    row = json.loads((out / "scaling" / "counterfact" / "n2_memit_forward_tuned.json").read_text())
+    assert row["lam"] == lam and row["lam_policy"] == "tuned" and row["n"] == 2
+    assert not list((out / "scaling" / "counterfact").glob("*alphaedit*tuned*"))  # no lam: nothing to tune
+    seq_t = json.loads((out / "sequential" / "memit_forward_tuned" / "result.json").read_text())
+    assert seq_t["lam"] == lam and seq_t["lam_policy"] == "tuned" and len(seq_t["batches"]) == 2
+    assert f"| 2 | memit | tuned: {lam:g} | forward |" in (out / "scaling.md").read_text()
+    assert f"| memit | forward | tuned: {lam:g} | 2 |" in (out / "sequential.md").read_text()
+    assert model_fingerprint(setup.model) == fp
+
+    # another tune grid re-tunes (its shared proxy rows reused); a changed tuned lam redoes the tuned rows
+    proxy_stamps = {p: p.stat().st_mtime_ns for p in (cmp_dir / "proxy").glob("memit_forward_*.json")}
+    grid = [*ARGS[:-3], "--tune-grid", "15000,50000,100", "--quiet"]
+    assert mod.main([*grid, "--modes", "compare", "--solvers", "memit", "--targets", "forward", "--out", str(out)],
+                    setup=setup) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in proxy_stamps.items())
+    retuned = json.loads((cmp_dir / "memit_forward_tuned.json").read_text())
+    assert set(retuned["proxy_scores"]) == {"15000", "50000", "100"}
+    if retuned["lam"] != lam:
+        assert mod.main(tuned_args, setup=setup) == 0
+        row = json.loads((out / "scaling" / "counterfact" / "n2_memit_forward_tuned.json").read_text())
+        assert row["lam"] == retuned["lam"]
+
 
 def test_sequential_resumes_from_the_last_checkpoint(tmp_path, files, tiny_tok, monkeypatch):
     mod = _load()
