@@ -46,6 +46,17 @@ def make_tiny_tok():
     return tok
 
 
+def low_rank_stats(f: int, layers, seed: int = 0) -> dict[int, torch.Tensor]:
+    """C = X^T X / N + 0.01 I [f, f] per layer from N = f/2 random keys: half its spectrum is tiny (a null space
+    for AlphaEdit, eigenvalues 0.01 < 2e-2) while C stays invertible (MEMIT, ROME)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in layers:
+        X = torch.randn(f // 2, f, generator=g, dtype=torch.float64)
+        out[layer] = X.T @ X / X.shape[0] + 0.01 * torch.eye(f, dtype=torch.float64)
+    return out
+
+
 def _tiny_config(family: str, vocab: int):
     import transformers as tf
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import low_rank_stats, make_tiny
 
 from kedit.arch import ArchitectureAdapter
 from kedit.edit import Edit
@@ -27,15 +27,7 @@ def _identity_stats(model, layers):
 
 
 def _low_rank_stats(model, layers, seed=0):
-    """C = X^T X / N + 0.01 I from N = f/2 random keys: half its spectrum is tiny (a null space for AlphaEdit)
-    while C stays invertible (MEMIT, ROME)."""
-    f = ArchitectureAdapter.from_model(model).d_ff
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer in layers:
-        X = torch.randn(f // 2, f, generator=g, dtype=torch.float64)
-        out[layer] = X.T @ X / X.shape[0] + 0.01 * torch.eye(f, dtype=torch.float64)
-    return out
+    return low_rank_stats(ArchitectureAdapter.from_model(model).d_ff, layers, seed)
 
 
 def _logits(model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import low_rank_stats, make_tiny
 
 import kedit.solvers.base as solvers_mod
 from kedit.arch import ArchitectureAdapter
@@ -23,15 +23,6 @@ REQS = [
 FAST = {"steps": 3, "lr": 1.0, "clamp_norm_factor": 4.0}
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
-
-def _stats(f: int, layers, seed: int = 0) -> dict[int, torch.Tensor]:
-    """C = X^T X / N + 0.01 I with N = f/2: a small-eigenvalue half for AlphaEdit, invertible for MEMIT/ROME."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer in layers:
-        X = torch.randn(f // 2, f, generator=g, dtype=torch.float64)
-        out[layer] = X.T @ X / X.shape[0] + 0.01 * torch.eye(f, dtype=torch.float64)
-    return out
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -62,7 +53,7 @@ def test_half_precision_edits_save_apply_and_undo_bit_identically(tiny_tok, tmp_
     original = _weights(model)
     for method, targets, layers in CASES:
         editor = Editor(model, tiny_tok, method=method, targets=targets, layers=layers,
-                        stats=_stats(f, layers), anchor=FAST, diagnostics=False)
+                        stats=low_rank_stats(f, layers), anchor=FAST, diagnostics=False)
         edit = editor.apply(REQS)
         assert all(p.dtype == dtype for p in model.parameters())
         edited = _weights(model)
@@ -90,7 +81,7 @@ def test_half_precision_write_rounds_once(tiny_tok):
 def test_anchors_on_bf16_keep_an_fp32_delta(tiny_tok):
     model = make_tiny("llama", tiny_tok).to(torch.bfloat16)
     f = ArchitectureAdapter.from_model(model).d_ff
-    editor = Editor(model, tiny_tok, method="memit", targets="onelayer", layers=[2], stats=_stats(f, [2]),
+    editor = Editor(model, tiny_tok, method="memit", targets="onelayer", layers=[2], stats=low_rank_stats(f, [2]),
                     anchor={**FAST, "steps": 6}, diagnostics=False)
     edit = editor.apply(REQS)
     anchors = edit.targets.anchors[0]
@@ -105,7 +96,8 @@ def _problem(f=48, d=16, n=5, seed=0) -> LayerProblem:
     g = torch.Generator().manual_seed(seed)
     K = torch.randn(f, n, generator=g, dtype=torch.float64)
     R = torch.randn(d, n, generator=g, dtype=torch.float64)
-    return LayerProblem(3, K=K, R=R, C=_stats(f, [0], seed)[0], W=torch.randn(d, f, generator=g, dtype=torch.float64))
+    W = torch.randn(d, f, generator=g, dtype=torch.float64)
+    return LayerProblem(3, K=K, R=R, C=low_rank_stats(f, [0], seed)[0], W=W)
 
 
 def test_fp32_solve_with_refinement_matches_fp64():
@@ -165,7 +157,7 @@ def test_offloaded_model_edits_like_an_undispatched_copy(saved_llama, tmp_path):
     before, w_before = _logits(off), _weights(off)
     ckpt = {p.name: p.read_bytes() for p in saved_llama.iterdir() if p.suffix == ".safetensors"}
     f = a.d_ff
-    kw = dict(method="memit", targets="forward", layers=[1, 2], stats=_stats(f, [1, 2]), anchor=FAST,
+    kw = dict(method="memit", targets="forward", layers=[1, 2], stats=low_rank_stats(f, [1, 2]), anchor=FAST,
               diagnostics=False)
     edit = Editor(off, tok, **kw).apply(REQS)
     ref_edit = Editor(plain, tok, **kw).apply(REQS)
@@ -253,8 +245,8 @@ def test_load_model_does_not_change_transformers_logging(saved_llama):
 def test_bf16_patch_on_fp32_model_is_refused_with_both_dtypes_named(tiny_tok, tmp_path):
     bf = make_tiny("llama", tiny_tok).to(torch.bfloat16)
     f = ArchitectureAdapter.from_model(bf).d_ff
-    edit = Editor(bf, tiny_tok, method="memit", targets="onelayer", layers=[2], stats=_stats(f, [2]), anchor=FAST,
-                  diagnostics=False).apply(REQS)
+    edit = Editor(bf, tiny_tok, method="memit", targets="onelayer", layers=[2], stats=low_rank_stats(f, [2]),
+                  anchor=FAST, diagnostics=False).apply(REQS)
     path = edit.save(tmp_path / "bf16.safetensors")
     fp32 = make_tiny("llama", tiny_tok)
     w = _weights(fp32)
@@ -295,8 +287,8 @@ def test_rect_delta_stays_factored_with_a_bit_mask(tmp_path):
 def test_rect_patch_roundtrip_keeps_the_mask(tiny_tok, tmp_path):
     model = make_tiny("llama", tiny_tok)
     f = ArchitectureAdapter.from_model(model).d_ff
-    edit = Editor(model, tiny_tok, method="rect", targets="onelayer", layers=[2], stats=_stats(f, [2]), anchor=FAST,
-                  diagnostics=False).apply(REQS)
+    edit = Editor(model, tiny_tok, method="rect", targets="onelayer", layers=[2], stats=low_rank_stats(f, [2]),
+                  anchor=FAST, diagnostics=False).apply(REQS)
     edited = _weights(model)
     edit.undo()
     loaded = Edit.load(edit.save(tmp_path / "rect.safetensors"))
@@ -324,7 +316,7 @@ def test_records_name_dtype_devices_and_versions(tiny_tok):
 
     model = make_tiny("llama", tiny_tok).to(torch.bfloat16)
     f = ArchitectureAdapter.from_model(model).d_ff
-    editor = Editor(model, tiny_tok, method="memit", targets="onelayer", layers=[2], stats=_stats(f, [2]),
+    editor = Editor(model, tiny_tok, method="memit", targets="onelayer", layers=[2], stats=low_rank_stats(f, [2]),
                     anchor=FAST, diagnostics=False)
     cfg = editor.config()
     assert cfg["dtype"] == "torch.bfloat16" and cfg["devices"] == {"cpu": 4} and cfg["device_map"] is None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import low_rank_stats, make_tiny
 
 from kedit.arch import ArchitectureAdapter
 from kedit.batch import TokenBatch
@@ -25,14 +25,7 @@ FAST = {"steps": 4, "lr": 1.0, "clamp_norm_factor": 4.0}
 
 
 def _stats(model, layers, seed=0):
-    """An invertible C = X^T X / N + 0.01 I [f, f] per layer (as test_editor's low-rank statistics)."""
-    f = ArchitectureAdapter.from_model(model).d_ff
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer in layers:
-        X = torch.randn(f // 2, f, generator=g, dtype=torch.float64)
-        out[layer] = X.T @ X / X.shape[0] + 0.01 * torch.eye(f, dtype=torch.float64)
-    return out
+    return low_rank_stats(ArchitectureAdapter.from_model(model).d_ff, layers, seed)
 
 
 # -- grouped key weighting ---------------------------------------------------------------------------------
