@@ -20,14 +20,17 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from common import anchor_dir, machine, save_json, save_text  # bench/common.py (scripts run as bench/<name>.py)
+from common import (  # bench/common.py (scripts run as bench/<name>.py)
+    CORPUS,
+    DATA,
+    RESULTS,
+    anchor_dir,
+    machine,
+    save_json,
+    save_text,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"  # never copied into the repo
-RESULTS = ROOT / "bench" / "results"
-CORPUS = DATA / "wikitext-2-raw" / "wiki.test.raw"
 LAM = "15000"
 RUNS = {"none": ["--method", "none"],
         "memit_backward": ["--method", "memit", "--targets", "backward", "--lam", LAM],

@@ -174,9 +174,9 @@ def lam_for(ctx: Ctx, ds: str, solver: str, targets: str, missing_ok: bool = Fal
         return None
     cmp_ds = "counterfact" if ds == "sequential" else ds
     path = ctx.out / "compare" / cmp_ds / f"{solver}_{targets}_tuned.json"
-    if not path.is_file() and missing_ok:
-        return None, "_tuned"
     if not path.is_file():
+        if missing_ok:
+            return None, "_tuned"
         print(f"protocol.py: --lam tuned needs {path}: run --modes compare --datasets {cmp_ds} first",
               file=sys.stderr)
         raise SystemExit(2)

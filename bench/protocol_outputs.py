@@ -193,7 +193,7 @@ SEQ_TITLES = {"efficacy_score": "efficacy (ES)", "efficacy_acc": "efficacy accur
               "health_perplexity": "wikitext perplexity (lower is better)",
               "health_top1_agreement": "unrelated prompts: top-1 agreement", "health_kl": "unrelated prompts: KL"}
 SOLVER_STYLE = {"memit": ("tab:blue", "o"), "alphaedit": ("tab:orange", "s"), "prune": ("tab:green", "^"),
-             "rect": ("tab:red", "v"), "emmet": ("tab:purple", "D")}
+                "rect": ("tab:red", "v"), "emmet": ("tab:purple", "D")}
 
 
 def plot_sequential(runs: dict[str, dict], out: Path) -> None:
