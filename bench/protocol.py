@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -249,12 +250,19 @@ def batch_row(ctx: Ctx, ds: str, data, cases: list, solver: str, targets: str, l
             **ctx.provenance()}
 
 
-def estimate_edit(ctx: Ctx, n: int, targets: str, anchors_cached: bool) -> float:
-    """Seconds one batch edit of ``n`` records plus its evaluation should take (ctx.rates)."""
+def edited_layers(ctx: Ctx) -> list[int]:
+    from kedit.arch import ArchitectureAdapter
+    from kedit.editor import default_layers
+
+    return list(ctx.args.layers or default_layers(ArchitectureAdapter.from_model(ctx.setup.model).n_layers, True))
+
+
+def estimate_edit(ctx: Ctx, n: int, to_optimise: int) -> float:
+    """Seconds one batch edit of ``n`` records plus its evaluation should take (ctx.rates), with anchors still
+    ``to_optimise`` at that many layers."""
     r = ctx.rates
-    layers = len(ctx.args.layers) if ctx.args.layers else 5
-    anchor = 0.0 if anchors_cached else n * r["anchor_s_per_request"] * (2 if targets == "blue" else 1)
-    return anchor + layers * n * r["solve_s_per_request_layer"] + 2 * n * r["eval_s_per_record"]
+    anchor = n * r["anchor_s_per_request"] * to_optimise
+    return anchor + len(edited_layers(ctx)) * n * r["solve_s_per_request_layer"] + 2 * n * r["eval_s_per_record"]
 
 
 # -- scaling ------------------------------------------------------------------------------------------------
@@ -271,9 +279,28 @@ def scaling_units(args: argparse.Namespace) -> list[tuple[str, int, str, str]]:
     return units
 
 
-def anchor_key(ds: str, size: int, targets: str) -> tuple:
-    """Units with one key optimise the same anchors (onelayer edits at the last layer, like backward)."""
-    return ds, size, "last" if targets in ("backward", "onelayer") else targets
+def anchor_layers(ctx: Ctx, targets: str) -> list[int]:
+    """Where a construction optimises anchors (backward and onelayer: the last layer; forward: the first;
+    BLUE: both)."""
+    from kedit.targets import make_targets
+
+    return make_targets(targets).anchor_layers(edited_layers(ctx))
+
+
+def anchor_keys(ctx: Ctx, ds: str, size: int, targets: str) -> set[tuple[str, int, int]]:
+    """The (dataset, size, layer) anchors a scaling unit optimises: units sharing one reuse it (anchor cache)."""
+    return {(ds, size, layer) for layer in anchor_layers(ctx, targets)}
+
+
+def cached_anchor_keys(ctx: Ctx) -> set[tuple[str, int, int]]:
+    """Anchors of every finished scaling row on disk, whatever this call's solvers and targets: they are in the
+    anchor cache (they depend on neither solver nor lam)."""
+    keys: set[tuple[str, int, int]] = set()
+    for path in (ctx.out / "scaling").glob("*/n*.json"):
+        m = re.fullmatch(r"n(\d+)_[a-z]+_([a-z]+)(_tuned)?", path.stem)  # scaling_plan's row names
+        if m:
+            keys |= anchor_keys(ctx, path.parent.name, int(m[1]), m[2])
+    return keys
 
 
 def scaling_plan(ctx: Ctx, missing_ok: bool = False) -> list[tuple[tuple[str, int, str, str], float | None,
@@ -291,12 +318,11 @@ def scaling_plan(ctx: Ctx, missing_ok: bool = False) -> list[tuple[tuple[str, in
 
 def run_scaling(ctx: Ctx) -> None:
     plan = scaling_plan(ctx)
-    # anchors of finished rows are in the anchor cache (they depend on neither solver nor lam)
-    seen = {anchor_key(ds, size, t) for (ds, size, _, t), _, path, _ in plan if path.is_file()}
+    seen = cached_anchor_keys(ctx)
     for (ds, size, solver, targets), lam, path, done in plan:
         if done:
             continue
-        if not ctx.time_left(estimate_edit(ctx, size, targets, anchor_key(ds, size, targets) in seen)):
+        if not ctx.time_left(estimate_edit(ctx, size, len(anchor_keys(ctx, ds, size, targets) - seen))):
             continue  # a later unit (anchors already optimised) may still fit
         data = ctx.dataset(ds, n=size)
         log(ctx, f"scaling {ds} n={size} {solver}/{targets} lam {fmt_lam(lam)}")
@@ -304,7 +330,7 @@ def run_scaling(ctx: Ctx) -> None:
                         {"mode": "scaling", "nested": "first N records of the file (sets nested across sizes)",
                          **lam_policy(ctx)})
         save_json(path, row)
-        seen.add(anchor_key(ds, size, targets))
+        seen |= anchor_keys(ctx, ds, size, targets)
 
 
 def lam_policy(ctx: Ctx) -> dict[str, str]:
@@ -360,7 +386,8 @@ def run_sequential(ctx: Ctx) -> None:
     for solver, targets, lam, d in units:
         if done_with(d / "result.json", lam):
             continue
-        if not ctx.time_left(estimate_edit(ctx, args.seq_batch, targets, False) + ctx.rates["health_s"]):
+        per_batch = estimate_edit(ctx, args.seq_batch, len(anchor_layers(ctx, targets))) + ctx.rates["health_s"]
+        if not ctx.time_left(per_batch):
             return
         from kedit.models import model_fingerprint
 
@@ -387,8 +414,7 @@ def run_sequential(ctx: Ctx) -> None:
         edits = []
         try:
             for b in range(len(ckpt["batches"]), len(batches)):
-                if edits and not ctx.time_left(estimate_edit(ctx, args.seq_batch, targets, False)
-                                               + ctx.rates["health_s"]):
+                if edits and not ctx.time_left(per_batch):
                     return  # the checkpoint of batch b holds everything; the next call continues there
                 log(ctx, f"sequential {solver}/{targets} batch {b + 1}/{len(batches)}")
                 t0 = time.perf_counter()
@@ -447,7 +473,7 @@ def run_compare(ctx: Ctx) -> None:
             path = base / f"{solver}_{targets}_lam{fmt_lam(lam)}.json"
             if path.is_file():
                 continue
-            if not ctx.time_left(estimate_edit(ctx, args.compare_n, targets, True)):
+            if not ctx.time_left(estimate_edit(ctx, args.compare_n, 0)):
                 return
             log(ctx, f"compare {ds} {solver}/{targets} lam {fmt_lam(lam)}")
             save_json(path, batch_row(ctx, ds, report, report.cases, solver, targets, lam, {"mode": "compare"}))
@@ -467,7 +493,7 @@ def run_compare(ctx: Ctx) -> None:
         for lam in args.tune_grid:
             path = base / "proxy" / f"{solver}_{targets}_lam{fmt_lam(lam)}.json"
             if not path.is_file():
-                if not ctx.time_left(estimate_edit(ctx, args.proxy_n, targets, True)):
+                if not ctx.time_left(estimate_edit(ctx, args.proxy_n, 0)):
                     return
                 log(ctx, f"compare {ds} {solver}/{targets} proxy lam {fmt_lam(lam)}")
                 save_json(path, batch_row(ctx, ds, proxy, proxy.cases, solver, targets, lam,
@@ -477,7 +503,7 @@ def run_compare(ctx: Ctx) -> None:
         best = max(valid, key=lambda lam: (valid[lam], -lam)) if valid else DEFAULT_LAM  # ties: the smaller lam
         row_path = base / f"{solver}_{targets}_lam{fmt_lam(best)}.json"
         if not row_path.is_file():  # a tuned lam outside the reported grid: one more reported-slice run
-            if not ctx.time_left(estimate_edit(ctx, args.compare_n, targets, True)):
+            if not ctx.time_left(estimate_edit(ctx, args.compare_n, 0)):
                 return
             save_json(row_path, batch_row(ctx, ds, report, report.cases, solver, targets, best, {"mode": "compare"}))
         save_json(tuned_path, {"mode": "compare-tuned", "dataset": ds, "solver": solver, "targets": targets,
@@ -537,32 +563,32 @@ def estimate(ctx: Ctx) -> dict[str, Any]:
     """Seconds of the work still to do, per mode (from ctx.rates), printed before anything runs."""
     a, est = ctx.args, {}
     if "scaling" in a.modes:
-        seen, total, n = set(), 0.0, 0
+        seen, total, n = cached_anchor_keys(ctx), 0.0, 0
         for (ds, size, _, targets), _, _, done in scaling_plan(ctx, missing_ok="compare" in a.modes):
-            key = anchor_key(ds, size, targets)
+            keys = anchor_keys(ctx, ds, size, targets)
             if not done:
-                total += estimate_edit(ctx, size, targets, key in seen)
+                total += estimate_edit(ctx, size, len(keys - seen))
                 n += 1
-            seen.add(key)
+            seen |= keys
         est["scaling"] = (n, total)
     if "sequential" in a.modes:
         units = sequential_units(ctx, missing_ok="compare" in a.modes)
         todo = [u for u in units if not done_with(u[3] / "result.json", u[2])]
         batches = -(-a.seq_n // a.seq_batch)
         rate = ctx.rates["eval_s_per_record"]
-        per = batches * (estimate_edit(ctx, a.seq_batch, "forward", False) + ctx.rates["health_s"]
+        per = batches * (estimate_edit(ctx, a.seq_batch, 1) + ctx.rates["health_s"]
                          + 2 * a.seq_batch * rate) + 2 * a.seq_n * rate
         est["sequential"] = (len(todo), len(todo) * per)
     if "compare" in a.modes:
         n, total = 0, 0.0
         for ds, solver, targets in compare_units(a):
-            runs = len(a.lam_grid) if has_lam(solver) else 1
-            proxy = len(a.tune_grid) if has_lam(solver) else 0
-            done = len(list((ctx.out / "compare" / ds).glob(f"{solver}_{targets}_*.json")))
-            if done < runs + (1 if proxy else 0):
-                n += runs + proxy
-                total += runs * estimate_edit(ctx, a.compare_n, targets, True) + proxy * estimate_edit(
-                    ctx, a.proxy_n, targets, True)
+            base = ctx.out / "compare" / ds
+            grid = a.lam_grid if has_lam(solver) else [None]
+            runs = sum(not (base / f"{solver}_{targets}_lam{fmt_lam(lam)}.json").is_file() for lam in grid)
+            proxy = sum(not (base / "proxy" / f"{solver}_{targets}_lam{fmt_lam(lam)}.json").is_file()
+                        for lam in (a.tune_grid if has_lam(solver) else []))
+            n += runs + proxy
+            total += runs * estimate_edit(ctx, a.compare_n, 0) + proxy * estimate_edit(ctx, a.proxy_n, 0)
         est["compare"] = (n, total)
     return est
 

@@ -241,13 +241,15 @@ def test_scaling_runs_what_still_fits_and_counts_finished_rows_anchors_as_cached
     seen = []
 
     def record(self, need_s=0.0):  # memit/backward's anchors are alphaedit/backward's: in the cache now
-        seen.append((need_s, mod.estimate_edit(self, 2, "backward", True), mod.estimate_edit(self, 2, "backward",
-                                                                                             False)))
+        seen.append((need_s, mod.estimate_edit(self, 2, 0), mod.estimate_edit(self, 2, 1)))
         return True
 
     with monkeypatch.context() as m:
         m.setattr(mod.Ctx, "time_left", record)
         assert mod.main(args, setup=setup) == 0
-    (need, cached, fresh), = seen
-    assert need == cached < fresh
+        # BLUE anchors at the first and the last layer: forward's and backward's, both cached now
+        assert mod.main([*args[:-2], "--targets", "blue", "--solvers", "memit", "--out", str(out)], setup=setup) == 0
+    (need, cached, fresh), (need_blue, cached_blue, _) = seen  # (rates are re-measured on the rows per call)
+    assert need == cached < fresh and need_blue == cached_blue
     assert (out / "scaling" / "counterfact" / "n2_memit_backward.json").is_file()
+    assert (out / "scaling" / "counterfact" / "n2_memit_blue.json").is_file()

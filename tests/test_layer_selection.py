@@ -67,21 +67,37 @@ def test_every_lga_variant_equals_naive_autograd(family, theta, tiny_tok):
     model, a = _model(family, tiny_tok, torch.float64)
     ref = _reference_scores(model, a, tiny_tok, PROXY, theta)
     for score in SCORES:
-        choice = LGA(theta=theta, score=score, bootstrap=0, batch_size=2).select(model, a, tiny_tok, PROXY)
-        assert choice.details["variant"] == f"{theta}/{score}"
-        assert choice.strategy == ("lga" if (theta, score) == ("w_out", "sum") else f"lga-{theta}-{score}")
-        got, want = (torch.tensor(x, dtype=torch.float64) for x in (choice.scores, ref[score]))
-        assert torch.allclose(got, want, rtol=1e-6, atol=1e-12), (theta, score)
-        cost = choice.details["cost"]
-        assert cost["forward"] >= 1 and cost["backward"] >= 1 and cost["seconds"] > 0
-        assert choice.details["implementation"] == ("factored" if theta == "w_out" else "autograd per request")
+        for naive in (False, True):   # factored sites (linear maps and per-row norms) / per-request autograd
+            choice = LGA(theta=theta, score=score, bootstrap=0, batch_size=2, naive=naive).select(
+                model, a, tiny_tok, PROXY)
+            assert choice.details["variant"] == f"{theta}/{score}"
+            assert choice.strategy == ("lga" if (theta, score) == ("w_out", "sum") else f"lga-{theta}-{score}")
+            got, want = (torch.tensor(x, dtype=torch.float64) for x in (choice.scores, ref[score]))
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-12), (theta, score, naive)
+            cost = choice.details["cost"]
+            assert cost["forward"] >= 1 and cost["backward"] >= 1 and cost["seconds"] > 0
+            assert choice.details["implementation"] == ("autograd per request" if naive else "factored")
+
+
+def test_unfactorable_theta_falls_back_to_autograd(tiny_tok, monkeypatch):
+    """A non-linear site too large to differentiate row by row: per-request autograd, same numbers."""
+    import kedit.layers.lga as lga_mod
+
+    model, a = _model("llama", tiny_tok, torch.float64)
+    fact = LGA(theta="block", score="cosine", bootstrap=0).select(model, a, tiny_tok, PROXY)
+    monkeypatch.setattr(lga_mod, "SMALL_SITE_PARAMS", 0)   # the RMSNorm weights no longer count as small
+    assert lga_mod.theta_sites(a, 0, "block") is None and len(lga_mod.theta_sites(a, 0, "mlp")) == 3
+    slow = LGA(theta="block", score="cosine", bootstrap=0).select(model, a, tiny_tok, PROXY)
+    assert (fact.details["implementation"], slow.details["implementation"]) == ("factored", "autograd per request")
+    assert torch.allclose(torch.tensor(fact.scores), torch.tensor(slow.scores), rtol=1e-8)
 
 
 def test_autograd_layer_groups_do_not_change_cosine(tiny_tok):
     """A tiny gradient-memory cap splits the layers into groups (more passes), same numbers."""
     model, a = _model("llama", tiny_tok, torch.float64)
-    one = LGA(theta="mlp", score="cosine", bootstrap=0).select(model, a, tiny_tok, PROXY)
-    split = LGA(theta="mlp", score="cosine", bootstrap=0, max_gradient_bytes=1).select(model, a, tiny_tok, PROXY)
+    one = LGA(theta="mlp", score="cosine", bootstrap=0, naive=True).select(model, a, tiny_tok, PROXY)
+    split = LGA(theta="mlp", score="cosine", bootstrap=0, naive=True, max_gradient_bytes=1).select(
+        model, a, tiny_tok, PROXY)
     assert split.details["cost"]["groups"] == a.n_layers and one.details["cost"]["groups"] == 1
     assert split.details["cost"]["forward"] == a.n_layers * len(PROXY)
     assert torch.allclose(torch.tensor(one.scores), torch.tensor(split.scores), rtol=1e-10)

@@ -16,7 +16,7 @@ from kedit.layers import (
     candidate_layers,
     tukey_fences,
 )
-from kedit.layers.lga import activation_gradients, gradient_products, naive_gradient_products, weight_gradient
+from kedit.layers.lga import gradient_products, naive_gradient_products, site_gradients, theta_sites, weight_gradient
 from kedit.layers.trace import _encode, indirect_effects
 from kedit.requests import EditRequest
 
@@ -64,7 +64,8 @@ def test_gradient_from_g_and_k_matches_conv1d_parameter_grad(tiny_tok):
     """sum_t g_t k_t^T is the canonical [d, f] gradient; GPT-2's Conv1D stores its transpose."""
     model, a = _model("gpt2", tiny_tok, torch.float64)
     r = PROXY[0]
-    K, G, _ = activation_gradients(model, a, tiny_tok, [r], [1, 2])   # row 0: true target
+    (site,) = theta_sites(a, 2, "w_out")
+    ((G, K),), _ = site_gradients(model, a, tiny_tok, [r], [site])   # row 0: true target
     w = a.w_out(2)
     w.requires_grad_(True)
     try:
@@ -75,7 +76,7 @@ def test_gradient_from_g_and_k_matches_conv1d_parameter_grad(tiny_tok):
         (grad,) = torch.autograd.grad(-logits.log_softmax(-1).gather(1, tf.labels[:, None]).mean(), [w])
     finally:
         w.requires_grad_(False)
-    mine = weight_gradient(G[2][0], K[2][0])
+    mine = weight_gradient(G[0], K[0])
     assert mine.shape == (a.d_model, a.d_ff) and grad.shape == (a.d_ff, a.d_model)
     assert torch.allclose(a.to_param_layout(mine), grad, rtol=1e-8, atol=1e-12)
 

@@ -104,7 +104,7 @@ class WeightSnapshot:
     overridden: bool  # offloaded weight: whether the writable offload map already held it in memory
 
 
-def _linear_shape(m: nn.Module) -> tuple[int, int] | None:
+def linear_shape(m: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of a Linear or Conv1D, else None."""
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features
@@ -155,7 +155,7 @@ class ArchitectureAdapter:
             name, mod = _find_w_out(block, i, blocks_path)
             w_names.append(f"{blocks_path}.{i}.{name}")
             w_mods.append(mod)
-        in_f, out_d = _linear_shape(w_mods[0])  # type: ignore[misc]
+        in_f, out_d = linear_shape(w_mods[0])  # type: ignore[misc]
         layout: Layout = "in_out" if (Conv1D and isinstance(w_mods[0], Conv1D)) else "out_in"
         parent = model.get_submodule(blocks_path.rsplit(".", 1)[0]) if "." in blocks_path else model
         lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -339,7 +339,7 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def _mlp_out_candidates(block: nn.Module, d_model: int | None) -> list[tuple[str, nn.Module]]:
     """Linear/Conv1D maps inside ``block`` that expand-then-project back: in != out (= d_model)."""
-    shapes = {name: _linear_shape(m) for name, m in block.named_modules()}
+    shapes = {name: linear_shape(m) for name, m in block.named_modules()}
     shapes = {k: v for k, v in shapes.items() if v is not None}
     if d_model is None:  # the residual width is what most maps of a block read (q, k, v, up, gate, ...)
         ins = [i for i, _ in shapes.values()]
@@ -356,7 +356,7 @@ def _find_w_out(block: nn.Module, index: int, blocks_path: str) -> tuple[str, nn
     if len(cands) > 1:
         cands = [(n, m) for n, m in cands if n.rsplit(".", 1)[-1] in W_OUT_NAMES] or cands
     if len(cands) != 1:
-        listing = ", ".join(f"{n} {_linear_shape(m)}" for n, m in block.named_modules() if _linear_shape(m))
+        listing = ", ".join(f"{n} {linear_shape(m)}" for n, m in block.named_modules() if linear_shape(m))
         raise UnsupportedArchitecture(
             f"block {blocks_path}.{index} ({type(block).__name__}): expected exactly one MLP output projection "
             f"(a Linear/Conv1D mapping d_ff -> d_model), found {len(cands)}; linear maps present: {listing or 'none'}"

@@ -4,6 +4,7 @@ Sites (per block ``l``):
 - ``key``        input of W_out          ``[batch, pos, d_ff]``
 - ``key_output`` output of W_out         ``[batch, pos, d_model]``
 - ``block``      residual after block l  ``[batch, pos, d_model]``
+- any submodule  its first input and its output (``capture_io``: per-parameter gradients, LGA)
 
 Callbacks always see a tensor, whether the block returns a tensor or a tuple (transformers changed
 this between versions), and every hook is removed in ``__exit__`` even when the forward raises.
@@ -13,7 +14,7 @@ blocks sit on several devices (accelerate dispatch) is traced like a single-devi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,9 @@ class Trace:
         self.keys: dict[int, torch.Tensor] = {}
         self.key_outputs: dict[int, torch.Tensor] = {}
         self.blocks: dict[int, torch.Tensor] = {}
+        self.inputs: dict[Hashable, torch.Tensor] = {}
+        self.outputs: dict[Hashable, torch.Tensor] = {}
+        self.calls: dict[Hashable, tuple[int, int]] = {}  # key -> (calls, extra arguments of the last call)
         self._handles: list[Any] = []
         self._stop_layer: int | None = None
 
@@ -118,6 +122,31 @@ class Trace:
             self.key_outputs[layer] = self._keep(_gather(out, index))
 
         self._handles.append(mod.register_forward_hook(hook))
+
+    def capture_io(self, key: Hashable, module: torch.nn.Module) -> None:
+        """Record ``module``'s first positional input (``inputs[key]``, detached) and its output (``outputs[key]``).
+
+        An output that needs no gradient (nothing upstream of it does) is replaced by a fresh leaf that does,
+        with the same values: gradients w.r.t. every recorded output can then be taken without any parameter
+        requiring one, and they are exact (only what is downstream of a tensor decides its gradient).
+        ``calls[key]`` is ``(number of calls, arguments beyond the first in the last call)``.
+        """
+        def pre(_m: Any, args: tuple, kwargs: dict) -> None:
+            self.inputs[key] = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
+            calls = self.calls.get(key, (0, 0))[0] + 1
+            self.calls[key] = (calls, len(args) - 1 + sum(isinstance(v, torch.Tensor) for v in kwargs.values()))
+
+        def post(_m: Any, _args: tuple, out: Any) -> Any:
+            if not isinstance(out, torch.Tensor):
+                self.outputs[key] = None
+                return None
+            if not out.requires_grad and torch.is_grad_enabled():
+                out = out.detach().requires_grad_()
+            self.outputs[key] = self._keep(out)
+            return out
+
+        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(post))
 
     def capture_block(self, layer: int, index: Index | None = None) -> None:
         """Record the residual stream after block ``layer``."""

@@ -7,19 +7,25 @@ its input and ``g_t`` the gradient w.r.t. its output at position ``t``; hence
 of ``d x f`` gradient matrices. One forward and one backward pass give every layer; the true and new
 sequences of all requests of a chunk ride in one right-padded batch (rows never interact, so the
 gradient of the summed loss holds each row's own gradient).
+
+The other thetas (the whole MLP, the whole block) are sums over *sites*: every linear map factors the same
+way (its bias as a column of ones), and the few small parameters (norm weights) get each row's gradient by
+re-running their module alone on that row's captured input. Only where that does not apply (a large
+non-linear parameter, a module called twice) do the products come from per-request autograd.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from kedit.arch import ArchitectureAdapter
+from kedit.arch import ArchitectureAdapter, linear_shape
 from kedit.errors import BadRequest
 from kedit.hooks import Trace
 from kedit.layers.base import (
@@ -101,39 +107,97 @@ def _seq_nll(adapter: ArchitectureAdapter, h: torch.Tensor, tf: TeacherForced) -
     return total / count
 
 
-def activation_gradients(model: torch.nn.Module, adapter: ArchitectureAdapter, tok: Any,
-                         reqs: Sequence[EditRequest], layers: Sequence[int]
-                         ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
-    """W_out inputs ``k`` and output gradients ``g`` per layer for the 2n rows of ``_batch``.
+@dataclass(frozen=True)
+class Site:
+    """A module owning parameters of theta_l, and how its per-row gradients are taken (one batched pass).
 
-    Returns ``(keys {l: [2n, T, f]}, grads {l: [2n, T, d]}, mask [2n, T])``, float64, zero outside
-    the positions that can influence a target token. Parameters stay ``requires_grad=False``:
-    only activations get gradients.
+    ``linear`` (``nn.Linear``, GPT-2's ``Conv1D``): ``grad W = sum_t g_t x_t^T`` and ``grad b = sum_t g_t``
+    with ``x_t`` its input and ``g_t`` the gradient w.r.t. its output, kept as the factors ``g [T, out]`` and
+    ``x [T, in]`` (a column of ones appended when the bias is in theta, so one product covers both).
+    ``small`` (norms and other modules with few parameters): the module alone is re-run on each row's captured
+    input and differentiated, ``[p]`` per row (exact for modules that treat batch rows independently).
+    """
+
+    layer: int
+    module: torch.nn.Module
+    kind: str                                 # "linear" | "small"
+    params: tuple[torch.nn.Parameter, ...]    # its parameters that are in theta_l
+    weight: bool = True                       # linear: the weight is in theta_l
+    bias: bool = False                        # linear: the bias is in theta_l
+
+
+SMALL_SITE_PARAMS = 1 << 20   # a non-linear module with more parameters (in theta) makes theta unfactorable
+
+
+def theta_sites(adapter: ArchitectureAdapter, layer: int, theta: str) -> list[Site] | None:
+    """The sites that together own theta_l exactly once, or None when no factored computation applies
+    (a large non-linear parameter, a parameter shared between modules)."""
+    params = theta_parameters(adapter, layer, theta)
+    wanted = {id(p) for p in params}
+    owner: dict[int, torch.nn.Module] = {}
+    for mod in adapter.blocks[adapter.check_layer(layer)].modules():
+        for p in mod.parameters(recurse=False):
+            if id(p) in wanted:
+                if id(p) in owner and owner[id(p)] is not mod:
+                    return None
+                owner[id(p)] = mod
+    if set(owner) != wanted:
+        return None
+    sites = []
+    for mod in dict.fromkeys(owner.values()):
+        own = tuple(p for p in params if owner[id(p)] is mod)
+        if linear_shape(mod) is not None:
+            ids = {id(p) for p in own}
+            bias = getattr(mod, "bias", None)
+            sites.append(Site(layer, mod, "linear", own, weight=id(mod.weight) in ids,
+                              bias=bias is not None and id(bias) in ids))
+        elif sum(p.numel() for p in own) <= SMALL_SITE_PARAMS:
+            sites.append(Site(layer, mod, "small", own))
+        else:
+            return None
+    return sites
+
+
+class Unfactorable(Exception):
+    """A site was not called exactly once with one tensor in the pass: per-request autograd must do it."""
+
+
+@contextlib.contextmanager
+def _requiring_grad(params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+
+
+def site_gradients(model: torch.nn.Module, adapter: ArchitectureAdapter, tok: Any, reqs: Sequence[EditRequest],
+                   sites: Sequence[Site]) -> tuple[list[Any], torch.Tensor]:
+    """Per-row gradient factors of every site for the 2n rows of ``_batch`` (one forward, one backward pass).
+
+    Returns ``(parts, mask [2n, T])``: per site, ``(g [2n, T, out], x [2n, T, in'])`` (linear) or
+    ``[2n, p]`` (small), zero outside the positions that can influence a target token, in at least float32.
+    Parameters keep their ``requires_grad``: only activations get gradients. Raises Unfactorable.
     """
     device = next(model.parameters()).device
     tf = _batch(tok, reqs, device)
     last = adapter.n_layers - 1
-    outs: dict[int, torch.Tensor] = {}
-
-    def root(layer: int):
-        def fn(out: torch.Tensor) -> torch.Tensor:
-            if not out.requires_grad:  # shallowest hooked layer: nothing upstream needs a gradient,
-                out = out.detach().requires_grad_()  # so a fresh leaf is exact and roots the graph
-            outs[layer] = out
-            return out
-        return fn
-
     with torch.enable_grad(), Trace(adapter, detach=False) as tr:
-        for l in layers:
-            tr.capture_key(l)
-            tr.patch_key_output(l, root(l))
+        for i, site in enumerate(sites):
+            tr.capture_io(i, site.module)
         # logits only where targets are scored: the full [B, T, vocab] tensor is never built
         tr.capture_block(last, (tf.rows, tf.positions))
         tr.stop_after(last)
         tr.run(input_ids=tf.input_ids, attention_mask=tf.attention_mask)
+        for i, site in enumerate(sites):
+            if tr.calls.get(i, (0, 0))[0] != 1 or tr.outputs.get(i) is None or tr.inputs.get(i) is None or (
+                    site.kind == "small" and tr.calls[i][1]):
+                raise Unfactorable(f"{type(site.module).__name__} of layer {site.layer}")
         loss = _seq_nll(adapter, tr.blocks[last], tf).sum()
-        grads = torch.autograd.grad(loss, [outs[l] for l in layers], allow_unused=True)
-    keys = {l: tr.keys[l].detach() for l in layers}
+        grads = torch.autograd.grad(loss, [tr.outputs[i] for i in range(len(sites))], allow_unused=True)
     # positions after a row's last scored position cannot influence its loss (causal): g = 0 there;
     # masking also keeps padding out whatever the attention implementation does with it
     mask = torch.zeros_like(tf.attention_mask, dtype=torch.bool)
@@ -141,48 +205,77 @@ def activation_gradients(model: torch.nn.Module, adapter: ArchitectureAdapter, t
     mask = mask.flip(1).cummax(1).values.flip(1) & tf.attention_mask.bool()   # [2n, T]
     m = mask[..., None]
     # OPT runs its MLP on flattened [B*T, width] tensors: view everything as [B, T, width]
-    shape = lambda x: x.reshape(*mask.shape, -1).double()  # noqa: E731
-    G = {l: torch.where(m, shape(g if g is not None else torch.zeros_like(outs[l])), 0.0)
-         for l, g in zip(layers, grads, strict=True)}
-    K = {l: torch.where(m, shape(keys[l]), 0.0) for l in layers}
-    return K, G, mask
+    shape = lambda x: _upcast(x.reshape(*mask.shape, -1))  # noqa: E731
+    parts: list[Any] = []
+    for i, site in enumerate(sites):
+        out, inp = tr.outputs[i], tr.inputs[i]
+        g = torch.where(m, shape(grads[i] if grads[i] is not None else torch.zeros_like(out)), 0.0)  # [2n, T, out]
+        if site.kind == "linear":
+            x = shape(inp)                                                                           # [2n, T, in]
+            cols = ([x] if site.weight else []) + ([torch.ones_like(x[..., :1])] if site.bias else [])
+            parts.append((g, torch.where(m, torch.cat(cols, -1), 0.0)))
+            continue
+        rows = []
+        with torch.enable_grad(), _requiring_grad(site.params):
+            for b in range(g.shape[0]):   # the module alone, one row at a time: that row's own gradient
+                y = site.module(inp.reshape(*mask.shape, -1)[b:b + 1])
+                gb = torch.autograd.grad(y, site.params, g[b:b + 1].reshape(y.shape).to(y.dtype), allow_unused=True)
+                rows.append(torch.cat([_upcast(d if d is not None else torch.zeros_like(p)).reshape(-1)
+                                       for d, p in zip(gb, site.params, strict=True)]))
+        parts.append(torch.stack(rows))                                                              # [2n, p]
+    return parts, mask
 
 
-def weight_gradient(g: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``sum_t g_t k_t^T``: the canonical ``[d, f]`` gradient of W_out from ``g [T, d]``, ``k [T, f]``."""
-    return g.T @ k
+def weight_gradient(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``sum_t g_t x_t^T``: the canonical ``[out, in]`` gradient of a linear map from ``g [T, out]``, ``x [T, in]``."""
+    return g.T @ x
 
 
 def gradient_products(model: torch.nn.Module, adapter: ArchitectureAdapter, tok: Any,
                       proxy: Sequence[EditRequest], layers: Sequence[int], batch_size: int = 16,
-                      cross: bool = False) -> GradProducts:
-    """Factored W_out gradient inner products and squared norms for every request and layer (no d x f matrix).
+                      cross: bool = False, theta: str = "w_out") -> GradProducts:
+    """Factored gradient inner products and squared norms of theta_l for every request and layer.
 
-    ``cross``: also the ``[L, n, n]`` cross-request products, from the token Gram matrices of all
-    requests (the masked positions' ``g`` and ``k`` are kept on the CPU until the end).
+    No parameter gradient is materialised for linear maps: ``<G, G'> = sum_{t,s} (g_t . g'_s)(x_t . x'_s)``,
+    two small ``[T, T']`` Gram matrices per site (summed over the sites of a layer). ``cross``: also the
+    ``[L, n, n]`` cross-request products, from the token Gram matrices of all requests (the masked positions'
+    factors are kept on the CPU until the end, about ``tokens x sum(in + out)`` numbers per layer).
+    Raises Unfactorable (see ``theta_sites`` / ``site_gradients``): per-request autograd must do it.
     """
     layers = list(layers)
+    sites = {l: theta_sites(adapter, l, theta) for l in layers}
+    if any(v is None for v in sites.values()):
+        raise Unfactorable(f"theta {theta!r} has parameters without a factored gradient")
+    flat = [s for l in layers for s in sites[l]]
     rows: list[list[torch.Tensor]] = [[], [], []]
-    # per layer, per side (true/new): packed g [N, d], k [N, f] and the request index of each token
-    packed: dict[int, list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = {l: [[], []] for l in layers}
+    # per site, per side (true/new): packed factors, and the request index of each token / row
+    packed: list[list[list[tuple[torch.Tensor, ...]]]] = [[[], []] for _ in flat]
+    gram = lambda a, b: torch.einsum("btx,bsx->bts", a.double(), b.double())   # noqa: E731  [n, T, T]
     was_training = model.training
     model.eval()  # dropout would make the gradients random
     try:
         for start in range(0, len(proxy), batch_size):
             chunk = proxy[start:start + batch_size]
             n = len(chunk)
-            K, G, mask = activation_gradients(model, adapter, tok, chunk, layers)
+            parts, mask = site_gradients(model, adapter, tok, chunk, flat)
             out = torch.zeros(3, n, len(layers), dtype=torch.float64)
-            for j, l in enumerate(layers):
-                Kt, Kn, Gt, Gn = K[l][:n], K[l][n:], G[l][:n], G[l][n:]   # [n, T, f] / [n, T, d]
-                gram = lambda a, b: torch.einsum("btx,bsx->bts", a, b)   # noqa: E731  [n, T, T]
-                out[0, :, j] = (gram(Gt, Gn) * gram(Kt, Kn)).sum((1, 2)).cpu()
-                out[1, :, j] = (gram(Gt, Gt) * gram(Kt, Kt)).sum((1, 2)).cpu()
-                out[2, :, j] = (gram(Gn, Gn) * gram(Kn, Kn)).sum((1, 2)).cpu()
+            for k, (site, part) in enumerate(zip(flat, parts, strict=True)):
+                j = layers.index(site.layer)
+                if site.kind == "linear":
+                    (Gt, Gn), (Xt, Xn) = (part[0][:n], part[0][n:]), (part[1][:n], part[1][n:])
+                    out[0, :, j] += (gram(Gt, Gn) * gram(Xt, Xn)).sum((1, 2)).cpu()
+                    out[1, :, j] += (gram(Gt, Gt) * gram(Xt, Xt)).sum((1, 2)).cpu()
+                    out[2, :, j] += (gram(Gn, Gn) * gram(Xn, Xn)).sum((1, 2)).cpu()
+                else:
+                    vt, vn = part[:n].double(), part[n:].double()
+                    out[:, :, j] += torch.stack([(vt * vn).sum(-1), (vt * vt).sum(-1), (vn * vn).sum(-1)]).cpu()
                 if cross:
                     for side, sl in enumerate((slice(0, n), slice(n, 2 * n))):
-                        r, t = mask[sl].nonzero(as_tuple=True)
-                        packed[l][side].append((G[l][sl][r, t].cpu(), K[l][sl][r, t].cpu(), r.cpu() + start))
+                        if site.kind == "linear":
+                            r, t = mask[sl].nonzero(as_tuple=True)
+                            packed[k][side].append((part[0][sl][r, t].cpu(), part[1][sl][r, t].cpu(), r.cpu() + start))
+                        else:
+                            packed[k][side].append((part[sl].cpu(),))
             for i in range(3):
                 rows[i].append(out[i])
     finally:
@@ -191,16 +284,21 @@ def gradient_products(model: torch.nn.Module, adapter: ArchitectureAdapter, tok:
     if cross:
         n = len(proxy)
         mats = torch.zeros(3, len(layers), n, n, dtype=torch.float64)
+        onehot = lambda x: torch.nn.functional.one_hot(x, n).double()  # noqa: E731  [N, n]
 
         def pair(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            """``[n, n]``: ``<G_a, G_b> = sum_{t,s} (g_t . g'_s)(k_t . k'_s)`` summed per request pair."""
-            (g, k, r), (g2, k2, r2) = a, b
-            onehot = lambda x: torch.nn.functional.one_hot(x, n).double()  # noqa: E731  [N, n]
-            return onehot(r).T @ ((g @ g2.T) * (k @ k2.T)) @ onehot(r2)
+            """``[n, n]`` products of the two sides' gradients, per request pair."""
+            if len(a) == 1:   # small site: the per-row gradients themselves
+                return a[0].double() @ b[0].double().T
+            (g, x, r), (g2, x2, r2) = a, b   # linear: sum_{t,s} (g_t . g'_s)(x_t . x'_s) per request pair
+            return onehot(r).T @ ((g.double() @ g2.double().T) * (x.double() @ x2.double().T)) @ onehot(r2)
 
-        for j, l in enumerate(layers):
-            t, nw = (tuple(torch.cat(x) for x in zip(*packed[l][s], strict=True)) for s in (0, 1))
-            mats[0, j], mats[1, j], mats[2, j] = pair(t, t), pair(t, nw), pair(nw, nw)
+        for k, site in enumerate(flat):
+            j = layers.index(site.layer)
+            t, nw = (tuple(torch.cat(x) for x in zip(*packed[k][s], strict=True)) for s in (0, 1))
+            mats[0, j] += pair(t, t)
+            mats[1, j] += pair(t, nw)
+            mats[2, j] += pair(nw, nw)
         gp.tt, gp.tn, gp.nn = mats[0], mats[1], mats[2]
     return gp
 
@@ -364,9 +462,9 @@ class LGA:
     window: int = 1                         # consecutive layers edited (1 = ROME; e.g. 5 for MEMIT-style)
     layers: tuple[int, ...] | None = None   # candidate layers; None = every layer
     batch_size: int = 16                    # requests per forward/backward pass (2 rows each)
-    naive: bool = False                     # materialise weight gradients (reference / timing only)
+    naive: bool = False                     # per-request autograd, weight gradients materialised (reference)
     predicted_true: bool = False            # no target_true: use the model's own answer instead of failing
-    theta: str = "w_out"                    # w_out (factored, exact) | mlp | block (per-request autograd)
+    theta: str = "w_out"                    # w_out | mlp | block (factored, exact; else per-request autograd)
     score: str = "sum"                      # sum (signed, the reconstruction) | cosine | normalised
     bootstrap: int = 200                    # resamples of the proxy set for the stability report (0 = off)
     seed: int = 0                           # bootstrap seed
@@ -400,10 +498,14 @@ class LGA:
                  proxy: Sequence[EditRequest], cands: Sequence[int]) -> tuple[GradProducts, dict[str, Any]]:
         """The gradient products this variant needs and their cost (passes, implementation)."""
         cross = self.score == "cosine"
-        if self.theta == "w_out" and not self.naive:
-            n_chunks = -(-len(proxy) // self.batch_size)
-            gp = gradient_products(model, adapter, tok, proxy, cands, self.batch_size, cross=cross)
-            return gp, {"implementation": "factored", "forward": n_chunks, "backward": n_chunks, "groups": 1}
+        if not self.naive:
+            try:
+                gp = gradient_products(model, adapter, tok, proxy, cands, self.batch_size, cross=cross,
+                                       theta=self.theta)
+                n_chunks = -(-len(proxy) // self.batch_size)
+                return gp, {"implementation": "factored", "forward": n_chunks, "backward": n_chunks, "groups": 1}
+            except Unfactorable:
+                pass
         gp, cost = autograd_products(model, adapter, tok, proxy, cands, self.theta, cross, self.max_gradient_bytes)
         return gp, {"implementation": "autograd per request", **cost}
 
