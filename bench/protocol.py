@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -99,6 +98,7 @@ class Ctx:
     evaluators: dict[str, Any] = field(default_factory=dict)
     health: Any = None
     stopped: bool = False
+    anchor_identity: tuple | None = None  # what anchor cache keys of the unedited model share (missing_anchors)
 
     def dataset(self, ds: str, n: int | None = None, offset: int = 0):
         """The loaded slice ``[offset, offset+n)`` of dataset ``ds`` (counterfact, zsre-*, sequential)."""
@@ -258,10 +258,10 @@ def edited_layers(ctx: Ctx) -> list[int]:
 
 
 def estimate_edit(ctx: Ctx, n: int, to_optimise: int) -> float:
-    """Seconds one batch edit of ``n`` records plus its evaluation should take (ctx.rates), with anchors still
-    ``to_optimise`` at that many layers."""
+    """Seconds one batch edit of ``n`` records plus its evaluation should take (ctx.rates), with ``to_optimise``
+    (request, layer) anchors still to optimise."""
     r = ctx.rates
-    anchor = n * r["anchor_s_per_request"] * to_optimise
+    anchor = to_optimise * r["anchor_s_per_request"]
     return anchor + len(edited_layers(ctx)) * n * r["solve_s_per_request_layer"] + 2 * n * r["eval_s_per_record"]
 
 
@@ -287,20 +287,22 @@ def anchor_layers(ctx: Ctx, targets: str) -> list[int]:
     return make_targets(targets).anchor_layers(edited_layers(ctx))
 
 
-def anchor_keys(ctx: Ctx, ds: str, size: int, targets: str) -> set[tuple[str, int, int]]:
-    """The (dataset, size, layer) anchors a scaling unit optimises: units sharing one reuse it (anchor cache)."""
-    return {(ds, size, layer) for layer in anchor_layers(ctx, targets)}
+def missing_anchors(ctx: Ctx, cases: Sequence[Any], targets: str) -> set[str]:
+    """Keys of the (request, layer) anchors of a batch edit of the unedited model that the anchor cache does not
+    hold yet: what the edit will optimise (anchors depend on neither solver nor lam; a cold cache lacks all)."""
+    from kedit.anchor_cache import AnchorStore, anchor_key
+    from kedit.models import model_fingerprint
+    from kedit.stats import tokenizer_identity
 
-
-def cached_anchor_keys(ctx: Ctx) -> set[tuple[str, int, int]]:
-    """Anchors of every finished scaling row on disk, whatever this call's solvers and targets: they are in the
-    anchor cache (they depend on neither solver nor lam)."""
-    keys: set[tuple[str, int, int]] = set()
-    for path in (ctx.out / "scaling").glob("*/n*.json"):
-        m = re.fullmatch(r"n(\d+)_[a-z]+_([a-z]+)(_tuned)?", path.stem)  # scaling_plan's row names
-        if m:
-            keys |= anchor_keys(ctx, path.parent.name, int(m[1]), m[2])
-    return keys
+    if ctx.anchor_identity is None:  # once per invocation: the model is unedited whenever this is asked
+        editor = make_editor(ctx, "memit", targets, None)
+        ctx.anchor_identity = (model_fingerprint(ctx.setup.model), tokenizer_identity(ctx.setup.tok),
+                               editor.templates, editor.anchor_cfg)
+    fp, tok_id, templates, cfg = ctx.anchor_identity
+    store = AnchorStore(ctx.anchor_cache)
+    keys = {anchor_key(fp, tok_id, layer, c.request, templates, cfg) for layer in anchor_layers(ctx, targets)
+            for c in cases}
+    return {k for k in keys if k not in store}
 
 
 def scaling_plan(ctx: Ctx, missing_ok: bool = False) -> list[tuple[tuple[str, int, str, str], float | None,
@@ -317,20 +319,17 @@ def scaling_plan(ctx: Ctx, missing_ok: bool = False) -> list[tuple[tuple[str, in
 
 
 def run_scaling(ctx: Ctx) -> None:
-    plan = scaling_plan(ctx)
-    seen = cached_anchor_keys(ctx)
-    for (ds, size, solver, targets), lam, path, done in plan:
+    for (ds, size, solver, targets), lam, path, done in scaling_plan(ctx):
         if done:
             continue
-        if not ctx.time_left(estimate_edit(ctx, size, len(anchor_keys(ctx, ds, size, targets) - seen))):
-            continue  # a later unit (anchors already optimised) may still fit
         data = ctx.dataset(ds, n=size)
+        if not ctx.time_left(estimate_edit(ctx, size, len(missing_anchors(ctx, data.cases, targets)))):
+            continue  # a later unit (anchors already optimised) may still fit
         log(ctx, f"scaling {ds} n={size} {solver}/{targets} lam {fmt_lam(lam)}")
         row = batch_row(ctx, ds, data, data.cases, solver, targets, lam,
                         {"mode": "scaling", "nested": "first N records of the file (sets nested across sizes)",
                          **lam_policy(ctx)})
         save_json(path, row)
-        seen |= anchor_keys(ctx, ds, size, targets)
 
 
 def lam_policy(ctx: Ctx) -> dict[str, str]:
@@ -386,7 +385,8 @@ def run_sequential(ctx: Ctx) -> None:
     for solver, targets, lam, d in units:
         if done_with(d / "result.json", lam):
             continue
-        per_batch = estimate_edit(ctx, args.seq_batch, len(anchor_layers(ctx, targets))) + ctx.rates["health_s"]
+        per_batch = (estimate_edit(ctx, args.seq_batch, args.seq_batch * len(anchor_layers(ctx, targets)))
+                     + ctx.rates["health_s"])  # an edited model: anchors are never cached
         if not ctx.time_left(per_batch):
             return
         from kedit.models import model_fingerprint
@@ -473,7 +473,7 @@ def run_compare(ctx: Ctx) -> None:
             path = base / f"{solver}_{targets}_lam{fmt_lam(lam)}.json"
             if path.is_file():
                 continue
-            if not ctx.time_left(estimate_edit(ctx, args.compare_n, 0)):
+            if not ctx.time_left(estimate_edit(ctx, args.compare_n, len(missing_anchors(ctx, report.cases, targets)))):
                 return
             log(ctx, f"compare {ds} {solver}/{targets} lam {fmt_lam(lam)}")
             save_json(path, batch_row(ctx, ds, report, report.cases, solver, targets, lam, {"mode": "compare"}))
@@ -493,7 +493,7 @@ def run_compare(ctx: Ctx) -> None:
         for lam in args.tune_grid:
             path = base / "proxy" / f"{solver}_{targets}_lam{fmt_lam(lam)}.json"
             if not path.is_file():
-                if not ctx.time_left(estimate_edit(ctx, args.proxy_n, 0)):
+                if not ctx.time_left(estimate_edit(ctx, args.proxy_n, len(missing_anchors(ctx, proxy.cases, targets)))):
                     return
                 log(ctx, f"compare {ds} {solver}/{targets} proxy lam {fmt_lam(lam)}")
                 save_json(path, batch_row(ctx, ds, proxy, proxy.cases, solver, targets, lam,
@@ -503,7 +503,7 @@ def run_compare(ctx: Ctx) -> None:
         best = max(valid, key=lambda lam: (valid[lam], -lam)) if valid else DEFAULT_LAM  # ties: the smaller lam
         row_path = base / f"{solver}_{targets}_lam{fmt_lam(best)}.json"
         if not row_path.is_file():  # a tuned lam outside the reported grid: one more reported-slice run
-            if not ctx.time_left(estimate_edit(ctx, args.compare_n, 0)):
+            if not ctx.time_left(estimate_edit(ctx, args.compare_n, len(missing_anchors(ctx, report.cases, targets)))):
                 return
             save_json(row_path, batch_row(ctx, ds, report, report.cases, solver, targets, best, {"mode": "compare"}))
         save_json(tuned_path, {"mode": "compare-tuned", "dataset": ds, "solver": solver, "targets": targets,
@@ -560,36 +560,42 @@ def measured_rates(out: Path) -> tuple[dict[str, float], str]:
 
 
 def estimate(ctx: Ctx) -> dict[str, Any]:
-    """Seconds of the work still to do, per mode (from ctx.rates), printed before anything runs."""
-    a, est = ctx.args, {}
+    """Seconds of the work still to do, per mode (from ctx.rates and the anchor cache), printed before anything
+    runs. Anchors a unit optimises count once: later units of this call find them in the cache."""
+    a, est, seen = ctx.args, {}, set()
+
+    def edit_s(cases: Sequence[Any], targets: str) -> float:
+        keys = missing_anchors(ctx, cases, targets) - seen
+        seen.update(keys)
+        return estimate_edit(ctx, len(cases), len(keys))
+
+    if "compare" in a.modes:
+        n, total = 0, 0.0
+        for ds, solver, targets in compare_units(a):
+            base = ctx.out / "compare" / ds
+            report = ctx.dataset(ds, n=a.compare_n)
+            proxy = ctx.dataset(ds, n=a.proxy_n, offset=max(0, report.n_records - a.proxy_n))
+            for lam in a.lam_grid if has_lam(solver) else [None]:
+                if not (base / f"{solver}_{targets}_lam{fmt_lam(lam)}.json").is_file():
+                    n, total = n + 1, total + edit_s(report.cases, targets)
+            for lam in a.tune_grid if has_lam(solver) else []:
+                if not (base / "proxy" / f"{solver}_{targets}_lam{fmt_lam(lam)}.json").is_file():
+                    n, total = n + 1, total + edit_s(proxy.cases, targets)
+        est["compare"] = (n, total)
     if "scaling" in a.modes:
-        seen, total, n = cached_anchor_keys(ctx), 0.0, 0
+        n, total = 0, 0.0
         for (ds, size, _, targets), _, _, done in scaling_plan(ctx, missing_ok="compare" in a.modes):
-            keys = anchor_keys(ctx, ds, size, targets)
             if not done:
-                total += estimate_edit(ctx, size, len(keys - seen))
-                n += 1
-            seen |= keys
+                n, total = n + 1, total + edit_s(ctx.dataset(ds, n=size).cases, targets)
         est["scaling"] = (n, total)
     if "sequential" in a.modes:
         units = sequential_units(ctx, missing_ok="compare" in a.modes)
         todo = [u for u in units if not done_with(u[3] / "result.json", u[2])]
         batches = -(-a.seq_n // a.seq_batch)
         rate = ctx.rates["eval_s_per_record"]
-        per = batches * (estimate_edit(ctx, a.seq_batch, 1) + ctx.rates["health_s"]
+        per = batches * (estimate_edit(ctx, a.seq_batch, a.seq_batch) + ctx.rates["health_s"]
                          + 2 * a.seq_batch * rate) + 2 * a.seq_n * rate
         est["sequential"] = (len(todo), len(todo) * per)
-    if "compare" in a.modes:
-        n, total = 0, 0.0
-        for ds, solver, targets in compare_units(a):
-            base = ctx.out / "compare" / ds
-            grid = a.lam_grid if has_lam(solver) else [None]
-            runs = sum(not (base / f"{solver}_{targets}_lam{fmt_lam(lam)}.json").is_file() for lam in grid)
-            proxy = sum(not (base / "proxy" / f"{solver}_{targets}_lam{fmt_lam(lam)}.json").is_file()
-                        for lam in (a.tune_grid if has_lam(solver) else []))
-            n += runs + proxy
-            total += runs * estimate_edit(ctx, a.compare_n, 0) + proxy * estimate_edit(ctx, a.proxy_n, 0)
-        est["compare"] = (n, total)
     return est
 
 

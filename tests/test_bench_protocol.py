@@ -219,8 +219,7 @@ def test_sequential_resumes_from_the_last_checkpoint(tmp_path, files, tiny_tok, 
     assert "## Answer per solver\n\nForward keeps the first batch better.\n" in readme and "Not written" not in readme
 
 
-def test_scaling_runs_what_still_fits_and_counts_finished_rows_anchors_as_cached(tmp_path, files, tiny_tok,
-                                                                                monkeypatch):
+def test_scaling_runs_what_still_fits_and_counts_cached_anchors(tmp_path, files, tiny_tok, monkeypatch):
     mod = _load()
     setup = _setup(mod, files, tiny_tok)
     out = tmp_path / "protocol"
@@ -253,3 +252,13 @@ def test_scaling_runs_what_still_fits_and_counts_finished_rows_anchors_as_cached
     assert need == cached < fresh and need_blue == cached_blue
     assert (out / "scaling" / "counterfact" / "n2_memit_backward.json").is_file()
     assert (out / "scaling" / "counterfact" / "n2_memit_blue.json").is_file()
+
+    # a cold anchor cache (another machine): the finished rows on disk no longer make BLUE's anchors free
+    (out / "scaling" / "counterfact" / "n2_memit_blue.json").unlink()
+    seen.clear()
+    with monkeypatch.context() as m:
+        m.setattr(mod, "anchor_dir", lambda: tmp_path / "cold")
+        m.setattr(mod.Ctx, "time_left", record)
+        assert mod.main([*args[:-2], "--targets", "blue", "--solvers", "memit", "--out", str(out)], setup=setup) == 0
+    (need_cold, _, one_anchor), = seen
+    assert need_cold > one_anchor   # 2 requests x 2 anchor layers to optimise

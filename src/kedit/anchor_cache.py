@@ -96,6 +96,10 @@ class AnchorStore:
         assert self.directory is not None
         return self.directory / f"anchor-{key[:32]}.safetensors"
 
+    def __contains__(self, key: str) -> bool:
+        """Whether a row is stored under ``key`` (not verified: ``get`` may still reject a damaged file)."""
+        return key in self.memory or (self.directory is not None and self.path(key).exists())
+
     def get(self, key: str) -> AnchorRow | None:
         """The row stored under ``key``, or None; a damaged or foreign file is reported and ignored."""
         if key in self.memory:
