@@ -248,6 +248,34 @@ def test_shared_anchor_cache_reuses_anchors_only_for_the_same_weights(tiny_tok):
     e2.undo()
 
 
+def test_anchor_cache_keeps_each_finished_chunk_when_a_run_is_interrupted(tiny_tok, tmp_path, monkeypatch):
+    """A run killed in its second chunk of anchors leaves the first chunk's anchors in the cache."""
+    import kedit.optimize as opt
+
+    model = make_tiny("llama", tiny_tok)
+    stats = _low_rank_stats(model, [1, 2])
+    real, calls = opt._optimize_chunk, []
+
+    def dies_in_the_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    editor = Editor(model, tiny_tok, "memit", layers=[1, 2], stats=stats, anchor={**FAST, "batch_size": 2},
+                    anchor_cache=tmp_path / "anchors")
+    w = model.model.layers[2].mlp.down_proj.weight.detach().clone()
+    with monkeypatch.context() as m:
+        m.setattr(opt, "_optimize_chunk", dies_in_the_second_chunk)
+        with pytest.raises(KeyboardInterrupt):
+            editor.apply(REQS[:3])
+    assert torch.equal(model.model.layers[2].mlp.down_proj.weight, w)   # nothing applied
+    assert len(list((tmp_path / "anchors").glob("anchor-*.safetensors"))) == 2   # the first chunk's two
+    edit = editor.apply(REQS[:3])
+    assert (edit.record["anchors"][0]["reused"], edit.record["anchors"][0]["optimised"]) == (2, 1)
+    edit.undo()
+
+
 def test_sequential_state_carried_and_rolled_back_by_undo(tiny_tok):
     model = make_tiny("llama", tiny_tok)
     editor = Editor(model, tiny_tok, layers=[1, 2], stats=_low_rank_stats(model, [1, 2]), anchor=FAST)

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -293,8 +293,12 @@ class Editor:
                    attention_mask=prep.key_mask[rows, :width].to(device))
         return {later: tr.blocks[later].float().cpu() for later in read_layers}
 
-    def _optimize(self, prep: TokenBatch, layer: int) -> Anchors:
-        """Anchors of every request of ``prep`` at ``layer`` (split across ranks under torchrun)."""
+    def _optimize(self, prep: TokenBatch, layer: int,
+                  on_chunk: Callable[[torch.Tensor, Anchors], None] | None = None) -> Anchors:
+        """Anchors of every request of ``prep`` at ``layer`` (split across ranks under torchrun).
+
+        ``on_chunk``: see ``optimize_anchors`` (not called under torchrun, where ranks gather at the end).
+        """
         if distributed.active(self.adapter.input_device):
             return _distributed_anchors(self, prep, layer)
         steps = self.anchor_cfg.steps
@@ -304,7 +308,7 @@ class Editor:
                 pb.set_postfix_str(f"converged {converged}/{prep.chunks[chunk].n}", refresh=True)
 
             return optimize_anchors(self.model, self.adapter, prep.chunks, layer, self.anchor_cfg,
-                                    pad_id(self.tok), on_step=on_step)
+                                    pad_id(self.tok), on_step=on_step, on_chunk=on_chunk)
 
     def _session(self, prep: TokenBatch, log: dict[str, Any]):
         editor = self
@@ -330,10 +334,17 @@ class Editor:
                     todo = prep if not reused else TokenBatch(
                         editor.tok, [prep.requests[i] for i in missing], editor.templates,
                         editor.anchor_cfg.batch_size, editor.anchor_cfg.chunk_order)
-                    fresh = editor._optimize(todo, layer)
+                    stored: set[int] = set()
+
+                    def keep(indices: torch.Tensor, part: Anchors) -> None:  # each chunk as it finishes
+                        for j, row in zip(indices.tolist(), split_rows(part), strict=True):
+                            store.put(keys[missing[j]], row)
+                            stored.add(missing[j])
+
+                    fresh = editor._optimize(todo, layer, on_chunk=keep if store is not None else None)
                     for i, row in zip(missing, split_rows(fresh), strict=True):
                         rows[i] = row
-                        if store is not None:
+                        if store is not None and i not in stored:
                             store.put(keys[i], row)
                 if fresh is not None and not reused:
                     a = fresh

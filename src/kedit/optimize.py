@@ -274,12 +274,21 @@ def attention_backend(adapter: ArchitectureAdapter, cfg: AnchorConfig) -> contex
     return sdpa_kernel(SDPBackend.MATH)
 
 
+def chunk_requests(chunks: list[AnchorProblem], i: int) -> torch.Tensor:
+    """``[n_i]`` the caller's index of every request of chunk ``i`` (chunks may be sorted by suffix length)."""
+    c = chunks[i]
+    return torch.arange(c.n) + sum(x.n for x in chunks[:i]) if c.requests is None else c.requests
+
+
 def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorProblem], layer: int,
                      cfg: AnchorConfig, pad: int, progress=None,
-                     on_step: Callable[[int, int, int], None] | None = None) -> Anchors:
+                     on_step: Callable[[int, int, int], None] | None = None,
+                     on_chunk: Callable[[torch.Tensor, Anchors], None] | None = None) -> Anchors:
     """Optimise one delta per request at ``layer``; returned in request order (``AnchorProblem.requests``).
 
     ``on_step(chunk_index, step, converged)``: called after every optimisation step (progress display).
+    ``on_chunk(request_indices, anchors)``: called as each chunk finishes, with the caller's indices of its
+    requests (a cache can keep them before the next chunk starts: an interrupted run loses one chunk at most).
     """
     start = time.perf_counter()
     parts = []
@@ -287,11 +296,12 @@ def optimize_anchors(model, adapter: ArchitectureAdapter, chunks: list[AnchorPro
         for c, chunk in enumerate(chunks):
             step_cb = None if on_step is None else (lambda it, done, c=c: on_step(c, it, done))
             parts.append(_optimize_chunk(model, adapter, chunk, layer, cfg, pad, step_cb))
+            if on_chunk is not None:
+                on_chunk(chunk_requests(chunks, c), parts[-1])
             if progress is not None:
                 progress.update(chunk.n)
     # chunks may hold requests in any order (sorted by suffix length): back to the caller's order
-    order = torch.cat([torch.arange(c.n) + sum(x.n for x in chunks[:i]) if c.requests is None else c.requests
-                       for i, c in enumerate(chunks)])
+    order = torch.cat([chunk_requests(chunks, i) for i in range(len(chunks))])
     return concat_anchors(layer, parts, time.perf_counter() - start, cfg.site,
                           {"setup_seconds": sum(p.extra["setup_seconds"] for p in parts)}, torch.argsort(order))
 
