@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,14 @@ class Ctx:
     health: Any = None
     stopped: bool = False
     anchor_identity: tuple | None = None  # what anchor cache keys of the unedited model share (missing_anchors)
+
+    @cached_property
+    def layers(self) -> list[int]:
+        """The edited layers: --layers, else the editor's default (once per invocation: the adapter probes)."""
+        from kedit.arch import ArchitectureAdapter
+        from kedit.editor import default_layers
+
+        return list(self.args.layers or default_layers(ArchitectureAdapter.from_model(self.setup.model).n_layers, True))
 
     def dataset(self, ds: str, n: int | None = None, offset: int = 0):
         """The loaded slice ``[offset, offset+n)`` of dataset ``ds`` (counterfact, zsre-*, sequential)."""
@@ -250,19 +259,12 @@ def batch_row(ctx: Ctx, ds: str, data, cases: list, solver: str, targets: str, l
             **ctx.provenance()}
 
 
-def edited_layers(ctx: Ctx) -> list[int]:
-    from kedit.arch import ArchitectureAdapter
-    from kedit.editor import default_layers
-
-    return list(ctx.args.layers or default_layers(ArchitectureAdapter.from_model(ctx.setup.model).n_layers, True))
-
-
 def estimate_edit(ctx: Ctx, n: int, to_optimise: int) -> float:
     """Seconds one batch edit of ``n`` records plus its evaluation should take (ctx.rates), with ``to_optimise``
     (request, layer) anchors still to optimise."""
     r = ctx.rates
     anchor = to_optimise * r["anchor_s_per_request"]
-    return anchor + len(edited_layers(ctx)) * n * r["solve_s_per_request_layer"] + 2 * n * r["eval_s_per_record"]
+    return anchor + len(ctx.layers) * n * r["solve_s_per_request_layer"] + 2 * n * r["eval_s_per_record"]
 
 
 # -- scaling ------------------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ def anchor_layers(ctx: Ctx, targets: str) -> list[int]:
     BLUE: both)."""
     from kedit.targets import make_targets
 
-    return make_targets(targets).anchor_layers(edited_layers(ctx))
+    return make_targets(targets).anchor_layers(ctx.layers)
 
 
 def missing_anchors(ctx: Ctx, cases: Sequence[Any], targets: str) -> set[str]:
