@@ -22,8 +22,10 @@ Tiny end-to-end check (minutes): --proxy 3 --test 3 --candidates 4-6 --steps 2 -
 
 Resumable: every step is saved to <out>.partial.json as it finishes (brute force in steps of
 --brute-chunk windows, joined once all are in); a run starts no new step after --minutes and the next
-run (same settings, any session: commit the partial file) resumes. When all steps are done it writes <out>, the
-figures <out stem>-<dataset>-<method>.png and prints the table.
+run (same settings, any session: commit the partial file) resumes. Order: per cell, brute force, the cheap
+selectors, then the test edits at the starts chosen so far; last, the transfer starts. Every run draws the
+figures <out stem>-<dataset>-<method>.png of the cells whose choices are all in and prints their table; when
+all steps are done it also writes <out>.
 """
 
 from __future__ import annotations
@@ -232,7 +234,27 @@ def main() -> int:
         res["choices"][cell]["brute"] = choice
         save()
 
-    # 1. choices: brute force first in every cell (the ground truth), then the cheap ones
+    def test_cell(method: str, label: str, d: dict[str, Any]) -> None:
+        """Edit the cell's test records at every start chosen so far for ``method`` (this cell's and, once
+        they exist, the other datasets' choices: transfer); starts already scored are skipped."""
+        w = windows[method]
+        cell = f"{label}|{method}"
+        starts = [ch["layers"][0] for c, chs in res["choices"].items() if c.endswith(f"|{method}")
+                  for ch in chs.values()]
+        per = res["tests"].setdefault(cell, {})
+        for s in dict.fromkeys(starts):
+            if str(s) in per or out_of_time() or s not in [cands[j] for j in window_starts(list(cands), w)]:
+                continue
+            print(f"{cell}: test {len(d['test'])} records at start {s}", file=sys.stderr, flush=True)
+            ws = score_windows(model, tok, d["test"], [list(range(s, s + w))], method, stats=stats,
+                               editor_kwargs={"anchor": anchor})
+            per[str(s)] = {"mean": ws.score.nanmean().item(), "per_request": ws.score[:, 0].tolist(),
+                           "seconds": ws.seconds, "failures": ws.failures}
+            save()
+
+    # 1. per cell: brute force first (the ground truth), then the cheap ones, then the cell's test edits at
+    # every start chosen so far (a finished cell has its test column before the next cell's hour of brute force)
+    n_sel = len(selectors(args, "rome", 1, cands, stats, anchor, []))
     for method in args.methods:
         w = windows[method]
         for label, d in data.items():
@@ -248,33 +270,24 @@ def main() -> int:
                 reqs = d["lga"] if name.startswith("lga") else d["proxy"]
                 done[name] = sel.select(model, adapter, tok, reqs).to_dict()
                 save()
-    # 2. test sets: every start chosen in the cell, plus the same method's choices on the other datasets
+            if len(done) == n_sel:
+                test_cell(method, label, d)
+    # 2. transfer: the other datasets' choices, known once every cell has chosen
     for method in args.methods:
-        w = windows[method]
         for label, d in data.items():
-            cell = f"{label}|{method}"
-            starts = [ch["layers"][0] for c, chs in res["choices"].items() if c.endswith(f"|{method}")
-                      for ch in chs.values()]
-            per = res["tests"].setdefault(cell, {})
-            for s in dict.fromkeys(starts):
-                if str(s) in per or out_of_time() or s not in [cands[j] for j in window_starts(list(cands), w)]:
-                    continue
-                print(f"{cell}: test {len(d['test'])} records at start {s}", file=sys.stderr, flush=True)
-                ws = score_windows(model, tok, d["test"], [list(range(s, s + w))], method, stats=stats,
-                                   editor_kwargs={"anchor": anchor})
-                per[str(s)] = {"mean": ws.score.nanmean().item(), "per_request": ws.score[:, 0].tolist(),
-                               "seconds": ws.seconds, "failures": ws.failures}
-                save()
-    n_sel = len(selectors(args, "rome", 1, cands, stats, anchor, []))
-    complete = (all(len(res["choices"].get(f"{l}|{m}", {})) == n_sel for l in data for m in args.methods)
-                and not out_of_time())
-    if not complete:
-        print(f"partial: saved to {partial}; run again to continue", file=sys.stderr)
-        return 3
-    for cell in res["choices"]:
+            test_cell(method, label, d)
+    finished = [c for c in res["choices"] if len(res["choices"][c]) == n_sel]
+    for cell in finished:  # figures of every finished cell, also while others are still running
         label, method = cell.split("|")
         plot_cell(cell, res["choices"][cell], res["tests"].get(cell, {}), windows[method],
                   out.with_name(f"{out.stem}-{label}-{method}.png"))
+    complete = len(finished) == len(data) * len(args.methods) and not out_of_time()
+    if not complete:
+        if finished:
+            print(markdown_table(HEADER, rows_of({**res, "choices": {c: res["choices"][c] for c in finished}})))
+        print(f"partial ({len(finished)} of {len(data) * len(args.methods)} cells chosen; the table above: those "
+              f"cells): saved to {partial}; run again to continue", file=sys.stderr)
+        return 3
     res["table"] = markdown_table(HEADER, rows_of(res))
     res["lga_conventions"] = {label: d["lga_convention"] for label, d in data.items()}
     save_json(out, {k: v for k, v in res.items() if k != "brute_parts"})  # parts: in choices
