@@ -113,44 +113,64 @@ HEADER = ["dataset", "method", "strategy", "start", "stability", "proxy score", 
 
 
 def plot_cell(cell: str, choices: dict[str, Any], tests: dict[str, Any], window: int, path: Path) -> None:
-    """Every strategy's curve over window starts (per-layer scores summed over the window, as LGA and tracing
-    rank windows), min-max normalised, on one axis; choices marked; the test-set scores dotted."""
+    """Two panels over window starts. Top: brute force's proxy score (the ground truth), the test-set scores
+    at the scored starts, and the windows tracing and the verified selector chose. Bottom: every LGA
+    reading's curve (per-layer scores summed over the window, as LGA ranks windows), min-max normalised;
+    choices circled, bootstrap stability in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for name, ch in choices.items():
+    def curve(ch: dict[str, Any], summed: bool) -> tuple[list[int], list[float]]:
         pairs = sorted(zip(ch["candidates"], ch["scores"], strict=True))
-        if window > 1 and name not in ("brute", "verified"):  # per-layer scores -> window sums
+        if summed and window > 1:  # per-layer scores -> window sums
             by = dict(pairs)
             pairs = [(s, sum(by[s + i] for i in range(window))) for s, _ in pairs
                      if all(s + i in by for i in range(window))]
-        x, y = [p[0] for p in pairs], [p[1] for p in pairs]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def label(name: str, ch: dict[str, Any]) -> str:
+        stab = (ch["details"].get("stability") or {}).get("fraction")
+        return f"{name} -> {ch['layers'][0]}" + (f" (stability {stab:.2f})" if stab is not None else "")
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, height_ratios=[1, 1.3])
+    brute = choices.get("brute")
+    if brute:
+        x, y = curve(brute, False)
+        top.plot(x, y, color="black", lw=2, marker="o", ms=3, label=label("brute force, proxy", brute))
+        by = dict(zip(x, y, strict=True))
+        for name, mark, color in (("verified", "*", "tab:red"), ("causal", "D", "tab:blue")):
+            if name in choices and choices[name]["layers"][0] in by:
+                c = choices[name]["layers"][0]
+                top.scatter([c], [by[c]], s=140 if mark == "*" else 60, marker=mark, color=color, zorder=4,
+                            label=label(name, choices[name]))
+    scored = sorted((int(k), v["mean"]) for k, v in tests.items() if k.isdigit())
+    if scored:
+        top.plot([k for k, _ in scored], [v for _, v in scored], ls=":", marker="s", color="grey",
+                 label="test set, at the chosen starts")
+    top.set_ylabel("rank score (mean of the\nharness metrics per record)")
+    top.legend(fontsize=7)
+    top.grid(alpha=0.3)
+    lgas = [(n, ch) for n, ch in choices.items() if n.startswith("lga")]
+    colors = plt.get_cmap("tab10" if len(lgas) <= 10 else "tab20")
+    for i, (name, ch) in enumerate(lgas):
+        x, y = curve(ch, True)
         lo, hi = min(y), max(y)
         norm = [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in y]
-        stab = (ch["details"].get("stability") or {}).get("fraction")
-        lbl = f"{name} -> {ch['layers'][0]}" + (f" (stab {stab:.2f})" if stab is not None else "")
-        style = dict(lw=2.2, color="black") if name == "brute" else dict(lw=1, alpha=0.8)
-        line, = ax.plot(x, norm, marker="o", ms=3, label=lbl, **style)
+        line, = bottom.plot(x, norm, marker="o", ms=2.5, lw=1, color=colors(i), label=label(name, ch))
         c = ch["layers"][0]
         if c in x:
-            ax.scatter([c], [norm[x.index(c)]], s=60, color=line.get_color(), edgecolor="red", zorder=3)
-    scored = sorted((int(k), v["mean"]) for k, v in tests.items() if k.isdigit())
-    if len(scored) > 1:
-        ys = [v for _, v in scored]
-        lo, hi = min(ys), max(ys)
-        ax.plot([k for k, _ in scored], [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in ys], ls=":", marker="s",
-                color="grey", label="test score at scored starts")
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer (window start)")
-    ax.set_ylabel("score, min-max normalised per strategy")
-    ax.set_title(f"SmolLM2-135M {cell.replace('|', ' ')}", fontsize=10)
-    ax.legend(fontsize=6, ncol=2)
-    ax.grid(alpha=0.3)
+            bottom.scatter([c], [norm[x.index(c)]], s=70, facecolor="none", edgecolor=line.get_color(), lw=2,
+                           zorder=3)
+    bottom.set_ylabel("LGA score, min-max normalised")
+    bottom.set_xlabel("layer (window start)")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.legend(fontsize=6.5, ncol=2)
+    bottom.grid(alpha=0.3)
+    fig.suptitle(f"SmolLM2-135M, {cell.replace('|', ', ')}: layer selection (circles: each reading's choice)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
