@@ -20,12 +20,13 @@ MEMIT window edits per dataset (3 datasets), tests ~300 edits per cell (6 cells)
 Tiny end-to-end check (minutes): --proxy 3 --test 3 --candidates 4-6 --steps 2 --tokens 2000 --samples 2
 --bootstrap 20 --window 2 --shortlist 2 --edits 2 --brute-chunk 2 --datasets counterfact zsre-alt --out /tmp/ls/ls.json
 
-Resumable: every step is saved to <out>.partial.json as it finishes (brute force in steps of
---brute-chunk windows, joined once all are in); a run starts no new step after --minutes and the next
-run (same settings, any session: commit the partial file) resumes. Order: per cell, brute force, the cheap
-selectors, then the test edits at the starts chosen so far; last, the transfer starts. Every run draws the
-figures <out stem>-<dataset>-<method>.png of the cells whose choices are all in and prints their table; when
-all steps are done it also writes <out>.
+Resumable: every step is saved to <out>.partial.json as it finishes (brute force in steps of --brute-chunk
+windows, joined once all are in); a run starts no new step after --minutes and the next run (same settings, any
+session: commit the partial file) resumes; --datasets/--methods pick the cells to work on and keep the other
+cells' steps (a partial file saved with other settings is refused, never overwritten). Order: per cell, brute
+force, the cheap selectors, then the test edits at the starts chosen so far; last, the transfer starts. Every
+run draws the figures <out stem>-<dataset>-<method>.png of the cells whose choices are all in and prints their
+table; when all steps are done it also writes <out>.
 """
 
 from __future__ import annotations
@@ -199,10 +200,22 @@ def main() -> int:
     t_run = time.perf_counter()
     out = Path(args.out)
     partial = out.with_suffix(".partial.json")
-    config = {k: v for k, v in vars(args).items() if k not in ("minutes", "out", "brute_chunk")}
+    # the settings every saved step depends on; the cells to run (--datasets, --methods) and the run's budget
+    # are not among them, so a run over some cells keeps the others' steps
+    not_settings = ("minutes", "out", "brute_chunk", "datasets", "methods")
+    config = {k: v for k, v in vars(args).items() if k not in not_settings}
     res = json.loads(partial.read_text()) if partial.is_file() else {}
-    if res.get("config") != config:
-        res = {"config": config, "choices": {}, "tests": {}, "runs": []}
+    if res:
+        saved = {k: v for k, v in res["config"].items() if k not in not_settings}
+        if saved != config:  # never discard hours of saved steps: the user moves the file or picks another --out
+            diff = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (saved) vs {config.get(k)}"
+                             for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k))
+            print(f"layers.py: {partial} was saved with other settings ({diff}); rerun with those settings, or "
+                  f"give another --out", file=sys.stderr)
+            return 2
+    else:
+        res = {"choices": {}, "tests": {}, "runs": []}
+    res["config"] = config
     res.setdefault("brute_parts", {})
     res["runs"].append({"machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     anchor = {"steps": args.steps} if args.steps else {}
@@ -301,14 +314,15 @@ def main() -> int:
         label, method = cell.split("|")
         plot_cell(cell, res["choices"][cell], res["tests"].get(cell, {}), windows[method],
                   out.with_name(f"{out.stem}-{label}-{method}.png"))
-    complete = len(finished) == len(data) * len(args.methods) and not out_of_time()
-    if not complete:
+    wanted = [f"{label}|{method}" for method in args.methods for label in data]
+    done_res = {**res, "choices": {c: res["choices"][c] for c in finished}}
+    if not set(wanted) <= set(finished) or out_of_time():
         if finished:
-            print(markdown_table(HEADER, rows_of({**res, "choices": {c: res["choices"][c] for c in finished}})))
-        print(f"partial ({len(finished)} of {len(data) * len(args.methods)} cells chosen; the table above: those "
-              f"cells): saved to {partial}; run again to continue", file=sys.stderr)
+            print(markdown_table(HEADER, rows_of(done_res)))
+        print(f"partial ({len(set(wanted) & set(finished))} of {len(wanted)} cells chosen; the table above: every "
+              f"finished cell): saved to {partial}; run again to continue", file=sys.stderr)
         return 3
-    res["table"] = markdown_table(HEADER, rows_of(res))
+    res = {**done_res, "table": markdown_table(HEADER, rows_of(done_res))}
     res["lga_conventions"] = {label: d["lga_convention"] for label, d in data.items()}
     save_json(out, {k: v for k, v in res.items() if k != "brute_parts"})  # parts: in choices
     print(res["table"])
