@@ -11,7 +11,9 @@ the next --test records (disjoint) are edited one at a time at every window chos
 at the golden windows of the other datasets for the same method (transfer), and scored with the
 harness's rank score. Table: chosen start, bootstrap stability, proxy score (brute force's score at
 that start), test score, gap to the golden window's test score, seconds, brute-force time / strategy
-time, transfer. One figure per cell: every strategy's per-layer curve (min-max normalised) on one axis.
+time, transfer. One figure per cell: brute force's curve with the test scores and the edit-based choices above,
+and one small panel per LGA reading against brute force below. <out stem>-fences.md: each LGA reading's start with
+and without the Tukey fences, from the saved scores (no edits).
 
 Full run (issue 10): repeat until it exits 0 (each call works --minutes, then resumes):
     flock /tmp/kedit-heavy.lock env OMP_NUM_THREADS=2 PYTHONPATH=src .venv/bin/python bench/layers.py --minutes 50
@@ -38,12 +40,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import CORPUS, DATA, RESULTS, machine, markdown_table, require_data, save_json  # bench/common.py
+from common import CORPUS, DATA, RESULTS, machine, markdown_table, require_data, save_json, save_text  # bench/common.py
 
 from kedit.arch import ArchitectureAdapter
 from kedit.commands.layers import parse_candidates, parse_variants
 from kedit.eval import load_dataset
-from kedit.layers import LGA, BruteForce, CausalTrace, Verified, window_starts
+from kedit.layers import LGA, BruteForce, CausalTrace, Verified, best_window, window_starts
 from kedit.layers.search import WindowScores, as_cases, score_windows
 from kedit.models import load_model
 from kedit.stats import StatsSpec, second_moments
@@ -109,19 +111,47 @@ def rows_of(res: dict[str, Any]) -> list[list[object]]:
     return rows
 
 
+def fence_rows(res: dict[str, Any]) -> list[list[object]]:
+    """The Tukey fences' effect, from the saved scores (no edits): per cell and LGA reading, the start it
+    chose (fenced, as specified) and the start the same scores give without fences, each with brute force's
+    proxy score there, and the golden start's."""
+    rows = []
+    for cell, choices in res["choices"].items():
+        label, method = cell.split("|")
+        brute = choices.get("brute")
+        if not brute:
+            continue
+        by_start = dict(zip(brute["candidates"], brute["scores"], strict=True))
+        gold = by_start[brute["layers"][0]]
+        for name, ch in choices.items():
+            if not name.startswith("lga"):
+                continue
+            fenced = ch["layers"][0]
+            free = best_window(ch["candidates"], ch["scores"], ch["details"]["window"])[0][0]
+            rows.append([label, method, name, fenced, by_start.get(fenced), free, by_start.get(free), gold])
+    return rows
+
+
+FENCE_HEADER = ["dataset", "method", "LGA reading", "start (Tukey k=1)", "its proxy score", "start (no fences)",
+                "its proxy score", "golden proxy score"]
+
+
 HEADER = ["dataset", "method", "strategy", "start", "stability", "proxy score", "test score", "gap to golden (test)",
           "seconds", "brute time / time", "transfer (test score there)"]
 
 
 def plot_cell(cell: str, choices: dict[str, Any], tests: dict[str, Any], window: int, path: Path) -> None:
-    """Two panels over window starts. Top: brute force's proxy score (the ground truth), the test-set scores
-    at the scored starts, and the windows tracing and the verified selector chose. Bottom: every LGA
-    reading's curve (per-layer scores summed over the window, as LGA ranks windows), min-max normalised;
-    choices circled, bootstrap stability in the legend."""
+    """One figure per cell, over window starts. Top: brute force's proxy score (the ground truth), the
+    test-set scores at the scored starts, and the windows tracing and the verified selector chose. Below,
+    small multiples, one per LGA reading (theta x score): its curve (per-layer scores summed over the window,
+    as LGA ranks windows; min-max normalised over the windows inside its Tukey fences, the fenced-out ones
+    crossed at the edge) against brute force's (min-max normalised); its choice circled, and in the title its
+    bootstrap stability, test score and rank correlation with brute force over the windows it chooses among."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from matplotlib.ticker import MaxNLocator
 
     def curve(ch: dict[str, Any], summed: bool) -> tuple[list[int], list[float]]:
@@ -132,45 +162,84 @@ def plot_cell(cell: str, choices: dict[str, Any], tests: dict[str, Any], window:
                      if all(s + i in by for i in range(window))]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
+    def norm(y: list[float]) -> list[float]:
+        lo, hi = min(y), max(y)
+        return [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in y]
+
+    def stability(ch: dict[str, Any]) -> float | None:
+        return (ch["details"].get("stability") or {}).get("fraction")
+
     def label(name: str, ch: dict[str, Any]) -> str:
-        stab = (ch["details"].get("stability") or {}).get("fraction")
+        stab = stability(ch)
         return f"{name} -> {ch['layers'][0]}" + (f" (stability {stab:.2f})" if stab is not None else "")
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True, height_ratios=[1, 1.3])
+    lgas = [(n, ch) for n, ch in choices.items() if n.startswith("lga")]
+    cols = 3
+    rows = -(-len(lgas) // cols)
+    fig = plt.figure(figsize=(11, 3.6 + 2.3 * rows))
+    grid = fig.add_gridspec(1 + rows, cols, height_ratios=[1.6] + [1] * rows)
+    top = fig.add_subplot(grid[0, :])
     brute = choices.get("brute")
+    bx, by = curve(brute, False) if brute else ([], [])
     if brute:
-        x, y = curve(brute, False)
-        top.plot(x, y, color="black", lw=2, marker="o", ms=3, label=label("brute force, proxy", brute))
-        by = dict(zip(x, y, strict=True))
+        top.plot(bx, by, color="black", lw=2, marker="o", ms=3, label=label("brute force, proxy", brute))
+        at = dict(zip(bx, by, strict=True))
         for name, mark, color in (("verified", "*", "tab:red"), ("causal", "D", "tab:blue")):
-            if name in choices and choices[name]["layers"][0] in by:
+            if name in choices and choices[name]["layers"][0] in at:
                 c = choices[name]["layers"][0]
-                top.scatter([c], [by[c]], s=140 if mark == "*" else 60, marker=mark, color=color, zorder=4,
+                top.scatter([c], [at[c]], s=140 if mark == "*" else 60, marker=mark, color=color, zorder=4,
                             label=label(name, choices[name]))
     scored = sorted((int(k), v["mean"]) for k, v in tests.items() if k.isdigit())
     if scored:
         top.plot([k for k, _ in scored], [v for _, v in scored], ls=":", marker="s", color="grey",
                  label="test set, at the chosen starts")
     top.set_ylabel("rank score (mean of the\nharness metrics per record)")
+    top.set_xlabel("layer (window start)")
+    top.xaxis.set_major_locator(MaxNLocator(integer=True))
     top.legend(fontsize=7)
     top.grid(alpha=0.3)
-    lgas = [(n, ch) for n, ch in choices.items() if n.startswith("lga")]
-    colors = plt.get_cmap("tab10" if len(lgas) <= 10 else "tab20")
+    ranks = {s: r for r, s in enumerate(sorted(bx, key=lambda s: by[bx.index(s)]))}  # brute force's ranking
     for i, (name, ch) in enumerate(lgas):
+        ax = fig.add_subplot(grid[1 + i // cols, i % cols], sharex=top)
         x, y = curve(ch, True)
-        lo, hi = min(y), max(y)
-        norm = [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in y]
-        line, = bottom.plot(x, norm, marker="o", ms=2.5, lw=1, color=colors(i), label=label(name, ch))
+        keep = dict(zip(ch["candidates"], ch["details"].get("kept") or [True] * len(ch["candidates"]), strict=True))
+        inside = [all(keep.get(s + k, False) for k in range(window)) for s in x]  # windows LGA may choose
+        if not any(inside):  # every window fenced out: LGA winsorised, show the raw range
+            inside = [True] * len(x)
+        lo = min(v for v, k in zip(y, inside, strict=True) if k)
+        hi = max(v for v, k in zip(y, inside, strict=True) if k)
+        ny = [min(max((v - lo) / (hi - lo) if hi > lo else 0.5, -0.1), 1.1) for v in y]  # outliers at the edge
+        if bx:
+            ax.plot(bx, norm(by), color="black", lw=1, alpha=0.35, label="brute force")
+        line, = ax.plot(x, ny, lw=1.2, color=f"C{i % 10}", label="LGA")
+        ax.scatter([s for s, k in zip(x, inside, strict=True) if k], [v for v, k in zip(ny, inside, strict=True) if k],
+                   s=6, color=line.get_color())
+        out = [(s, v) for s, v, k in zip(x, ny, inside, strict=True) if not k]
+        if out:
+            ax.scatter(*zip(*out, strict=True), marker="x", s=18, color="grey", label="outside Tukey fences")
         c = ch["layers"][0]
         if c in x:
-            bottom.scatter([c], [norm[x.index(c)]], s=70, facecolor="none", edgecolor=line.get_color(), lw=2,
-                           zorder=3)
-    bottom.set_ylabel("LGA score, min-max normalised")
-    bottom.set_xlabel("layer (window start)")
-    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-    bottom.legend(fontsize=6.5, ncol=2)
-    bottom.grid(alpha=0.3)
-    fig.suptitle(f"SmolLM2-135M, {cell.replace('|', ', ')}: layer selection (circles: each reading's choice)",
+            ax.scatter([c], [ny[x.index(c)]], s=70, facecolor="none", edgecolor=line.get_color(), lw=2, zorder=3)
+        reading = "w_out/sum" if name == "lga" else name.removeprefix("lga-").replace("-", "/")
+        title = f"{reading} -> {c}"
+        if stability(ch) is not None:
+            title += f", stab {stability(ch):.2f}"
+        if str(c) in tests:
+            title += f", test {tests[str(c)]['mean']:.3f}"
+        common = [s for s, k in zip(x, inside, strict=True) if k and s in ranks]
+        if len(common) > 2:  # Spearman over the windows it chooses among: its ranking vs brute force's
+            mine = {s: r for r, s in enumerate(sorted(common, key=lambda s: y[x.index(s)]))}
+            theirs = {s: r for r, s in enumerate(sorted(common, key=lambda s: ranks[s]))}
+            rho = np.corrcoef([mine[s] for s in common], [theirs[s] for s in common])[0, 1]
+            title += f"\nrank corr. with brute force {rho:+.2f} (inside fences)"
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if i % cols == 0:
+            ax.set_ylabel("normalised inside fences", fontsize=7)
+        if i == 0:
+            ax.legend(fontsize=6, loc="best")
+    fig.suptitle(f"SmolLM2-135M, {cell.replace('|', ', ')}: layer selection (circles: each LGA reading's choice)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -316,13 +385,17 @@ def main() -> int:
                   out.with_name(f"{out.stem}-{label}-{method}.png"))
     wanted = [f"{label}|{method}" for method in args.methods for label in data]
     done_res = {**res, "choices": {c: res["choices"][c] for c in finished}}
+    if finished:  # the fences' effect, derived from the saved scores of every finished cell
+        fences = markdown_table(FENCE_HEADER, fence_rows(done_res))
+        save_text(out.with_name(f"{out.stem}-fences.md"), fences + "\n")
     if not set(wanted) <= set(finished) or out_of_time():
         if finished:
             print(markdown_table(HEADER, rows_of(done_res)))
+            print(fences)
         print(f"partial ({len(set(wanted) & set(finished))} of {len(wanted)} cells chosen; the table above: every "
               f"finished cell): saved to {partial}; run again to continue", file=sys.stderr)
         return 3
-    res = {**done_res, "table": markdown_table(HEADER, rows_of(done_res))}
+    res = {**done_res, "table": markdown_table(HEADER, rows_of(done_res)), "fences": fences}
     res["lga_conventions"] = {label: d["lga_convention"] for label, d in data.items()}
     save_json(out, {k: v for k, v in res.items() if k != "brute_parts"})  # parts: in choices
     print(res["table"])

@@ -56,3 +56,28 @@ def test_another_choice_of_cells_resumes(lb, monkeypatch, tmp_path):
     _saved(tmp_path / "ls.partial.json")
     with pytest.raises(Loaded):  # past the check, on to the model
         _run(lb, monkeypatch, "--datasets", "counterfact", "--methods", "memit", "--out", str(tmp_path / "ls.json"))
+
+
+def _cell(window: int) -> dict:
+    cands = list(range(6))
+    brute_starts = cands[:len(cands) - window + 1]
+    lga = {"layers": [3], "candidates": cands, "scores": [10.0, 1.0, 2.0, 3.0, 2.5, 0.5],
+           "details": {"window": window, "kept": [False, True, True, True, True, True], "stability": {"fraction": 0.6}}}
+    brute = {"layers": [0], "candidates": brute_starts, "scores": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4][:len(brute_starts)],
+             "details": {"stability": {"fraction": 0.9}}}
+    return {"brute": brute, "lga": lga, "causal": {"layers": [1], "details": {}}}
+
+
+def test_fence_rows_compare_fenced_and_unfenced_choices(lb):
+    rows = lb.fence_rows({"choices": {"cf|rome": _cell(1)}})
+    # fenced: layer 0 (score 10) is an outlier, argmax of the rest is 3; unfenced: 0, the golden layer
+    assert rows == [["cf", "rome", "lga", 3, 0.6, 0, 0.9, 0.9]]
+    rows = lb.fence_rows({"choices": {"cf|memit": _cell(2)}})
+    assert rows[0][5] == 0 and rows[0][6] == 0.9  # window sums: 0-1 (11.0) beats every other window
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_plot_cell_draws_a_figure(lb, tmp_path, window):
+    path = tmp_path / "cell.png"
+    lb.plot_cell("cf|rome", _cell(window), {"3": {"mean": 0.7}, "0": {"mean": 0.9}}, window, path)
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
