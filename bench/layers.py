@@ -337,12 +337,14 @@ def main() -> int:
         save()
 
     def test_cell(method: str, label: str, d: dict[str, Any]) -> None:
-        """Edit the cell's test records at every start chosen so far for ``method`` (this cell's and, once
-        they exist, the other datasets' choices: transfer); starts already scored are skipped."""
+        """Edit the cell's test records at every start chosen so far for ``method`` (this cell's first, then the
+        other datasets' choices: transfer); starts already scored are skipped."""
         w = windows[method]
         cell = f"{label}|{method}"
-        starts = [ch["layers"][0] for c, chs in res["choices"].items() if c.endswith(f"|{method}")
-                  for ch in chs.values()]
+        mine = res["choices"].get(cell, {})  # first the cell's own column: golden and verified, then the rest
+        own = [mine[n]["layers"][0] for n in sorted(mine, key=lambda n: (n != "brute", n != "verified"))]
+        starts = own + [ch["layers"][0] for c, chs in res["choices"].items() if c.endswith(f"|{method}")
+                        for ch in chs.values()]
         per = res["tests"].setdefault(cell, {})
         for s in dict.fromkeys(starts):
             if str(s) in per or out_of_time() or s not in [cands[j] for j in window_starts(list(cands), w)]:
