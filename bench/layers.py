@@ -55,6 +55,11 @@ FILES = {"counterfact": ("counterfact", DATA / "counterfact_subset500.json", Non
          "zsre-alt": ("zsre", DATA / "zsre_mend_eval_portability_gpt4.json", "alt")}
 
 
+def lga_convention(label: str) -> str:
+    """The old/new answers LGA compares on dataset ``label``."""
+    return "old = answers[0], new = alt" if FILES[label][0] == "zsre" else "dataset true/new"
+
+
 def load_cells(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Per dataset label: proxy cases, LGA requests (old = dataset answer) and test cases."""
     out = {}
@@ -65,7 +70,7 @@ def load_cells(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if kind == "zsre":  # LGA: old = answers[0], new = alt, whatever the edits' convention
             lga = load_dataset(f"{kind}:{path}", n=args.proxy, zsre_target="alt").cases
         out[label] = {"proxy": cases[:args.proxy], "test": cases[args.proxy:], "lga": [c.request for c in lga],
-                      "lga_convention": "old = answers[0], new = alt" if kind == "zsre" else "dataset true/new"}
+                      "lga_convention": lga_convention(label)}
     return out
 
 
@@ -398,7 +403,7 @@ def main() -> int:
               f"finished cell): saved to {partial}; run again to continue", file=sys.stderr)
         return 3
     res = {**done_res, "table": markdown_table(HEADER, rows_of(done_res)), "fences": fences}
-    res["lga_conventions"] = {label: d["lga_convention"] for label, d in data.items()}
+    res["lga_conventions"] = {c.split("|")[0]: lga_convention(c.split("|")[0]) for c in finished}
     save_json(out, {k: v for k, v in res.items() if k != "brute_parts"})  # parts: in choices
     print(res["table"])
     return 0
