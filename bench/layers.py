@@ -37,6 +37,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,21 +89,34 @@ def selectors(args: argparse.Namespace, method: str, window: int, cands: tuple[i
     return sels
 
 
+def stability(ch: dict[str, Any]) -> float | None:
+    """A choice's bootstrap stability (the fraction of resamples choosing the same start), if it has one."""
+    return (ch["details"].get("stability") or {}).get("fraction")
+
+
+Cell = tuple[str, str, str, dict[str, Any], dict[str, Any], dict[int, float]]
+
+
+def brute_cells(res: dict[str, Any]) -> Iterator[Cell]:
+    """The cells brute force has chosen in: (cell, dataset label, method, choices, brute's choice, brute force's
+    proxy score per start)."""
+    for cell, choices in res["choices"].items():
+        brute = choices.get("brute")
+        if brute:
+            label, method = cell.split("|")
+            yield cell, label, method, choices, brute, dict(zip(brute["candidates"], brute["scores"], strict=True))
+
+
 def rows_of(res: dict[str, Any]) -> list[list[object]]:
     """Table rows: one per (dataset, method, strategy)."""
     rows = []
-    for cell, choices in res["choices"].items():
-        label, method = cell.split("|")
-        brute = choices.get("brute")
-        if not brute:
-            continue
-        by_start = dict(zip(brute["candidates"], brute["scores"], strict=True))
+    for cell, label, method, choices, brute, by_start in brute_cells(res):
         tests = res["tests"].get(cell, {})
         golden = brute["layers"][0]
         t_gold = tests.get(str(golden), {}).get("mean")
         for name, ch in choices.items():
             start = ch["layers"][0]
-            stab = (ch["details"].get("stability") or {}).get("fraction")
+            stab = stability(ch)
             t = tests.get(str(start), {}).get("mean")
             transfer = []
             for other in res["choices"]:
@@ -121,12 +135,7 @@ def fence_rows(res: dict[str, Any]) -> list[list[object]]:
     chose (fenced, as specified) and the start the same scores give without fences, each with brute force's
     proxy score there, and the golden start's."""
     rows = []
-    for cell, choices in res["choices"].items():
-        label, method = cell.split("|")
-        brute = choices.get("brute")
-        if not brute:
-            continue
-        by_start = dict(zip(brute["candidates"], brute["scores"], strict=True))
+    for _, label, method, choices, brute, by_start in brute_cells(res):
         gold = by_start[brute["layers"][0]]
         for name, ch in choices.items():
             if not name.startswith("lga"):
@@ -171,14 +180,11 @@ def plot_cell(cell: str, choices: dict[str, Any], tests: dict[str, Any], window:
         lo, hi = min(y), max(y)
         return [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in y]
 
-    def stability(ch: dict[str, Any]) -> float | None:
-        return (ch["details"].get("stability") or {}).get("fraction")
-
     def label(name: str, ch: dict[str, Any]) -> str:
         stab = stability(ch)
         return f"{name} -> {ch['layers'][0]}" + (f" (stability {stab:.2f})" if stab is not None else "")
 
-    lgas = [(n, ch) for n, ch in choices.items() if n.startswith("lga")]
+    lgas = [ch for n, ch in choices.items() if n.startswith("lga")]
     cols = 3
     rows = -(-len(lgas) // cols)
     fig = plt.figure(figsize=(11, 3.6 + 2.3 * rows))
@@ -204,7 +210,7 @@ def plot_cell(cell: str, choices: dict[str, Any], tests: dict[str, Any], window:
     top.legend(fontsize=7)
     top.grid(alpha=0.3)
     ranks = {s: r for r, s in enumerate(sorted(bx, key=lambda s: by[bx.index(s)]))}  # brute force's ranking
-    for i, (name, ch) in enumerate(lgas):
+    for i, ch in enumerate(lgas):
         ax = fig.add_subplot(grid[1 + i // cols, i % cols], sharex=top)
         x, y = curve(ch, True)
         keep = dict(zip(ch["candidates"], ch["details"].get("kept") or [True] * len(ch["candidates"]), strict=True))
@@ -225,10 +231,9 @@ def plot_cell(cell: str, choices: dict[str, Any], tests: dict[str, Any], window:
         c = ch["layers"][0]
         if c in x:
             ax.scatter([c], [ny[x.index(c)]], s=70, facecolor="none", edgecolor=line.get_color(), lw=2, zorder=3)
-        reading = "w_out/sum" if name == "lga" else name.removeprefix("lga-").replace("-", "/")
-        title = f"{reading} -> {c}"
-        if stability(ch) is not None:
-            title += f", stab {stability(ch):.2f}"
+        title = f"{ch['details']['variant']} -> {c}"
+        if (stab := stability(ch)) is not None:
+            title += f", stab {stab:.2f}"
         if str(c) in tests:
             title += f", test {tests[str(c)]['mean']:.3f}"
         common = [s for s, k in zip(x, inside, strict=True) if k and s in ranks]

@@ -62,7 +62,8 @@ def _cell(window: int) -> dict:
     cands = list(range(6))
     brute_starts = cands[:len(cands) - window + 1]
     lga = {"layers": [3], "candidates": cands, "scores": [10.0, 1.0, 2.0, 3.0, 2.5, 0.5],
-           "details": {"window": window, "kept": [False, True, True, True, True, True], "stability": {"fraction": 0.6}}}
+           "details": {"variant": "w_out/sum", "window": window, "kept": [False, True, True, True, True, True],
+                       "stability": {"fraction": 0.6}}}
     brute = {"layers": [0], "candidates": brute_starts, "scores": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4][:len(brute_starts)],
              "details": {"stability": {"fraction": 0.9}}}
     return {"brute": brute, "lga": lga, "causal": {"layers": [1], "details": {}}}
