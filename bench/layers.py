@@ -70,8 +70,7 @@ def load_cells(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         lga = cases[:args.proxy]
         if kind == "zsre":  # LGA: old = answers[0], new = alt, whatever the edits' convention
             lga = load_dataset(f"{kind}:{path}", n=args.proxy, zsre_target="alt").cases
-        out[label] = {"proxy": cases[:args.proxy], "test": cases[args.proxy:], "lga": [c.request for c in lga],
-                      "lga_convention": lga_convention(label)}
+        out[label] = {"proxy": cases[:args.proxy], "test": cases[args.proxy:], "lga": [c.request for c in lga]}
     return out
 
 
@@ -408,7 +407,8 @@ def main() -> int:
               f"finished cell): saved to {partial}; run again to continue", file=sys.stderr)
         return 3
     res = {**done_res, "table": markdown_table(HEADER, rows_of(done_res)), "fences": fences}
-    res["lga_conventions"] = {c.split("|")[0]: lga_convention(c.split("|")[0]) for c in finished}
+    labels = dict.fromkeys(c.split("|")[0] for c in finished)
+    res["lga_conventions"] = {label: lga_convention(label) for label in labels}
     save_json(out, {k: v for k, v in res.items() if k != "brute_parts"})  # parts: in choices
     print(res["table"])
     return 0
