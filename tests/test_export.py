@@ -1,6 +1,7 @@
 """Export of edited models: plain transformers loads the checkpoint and answers exactly as the edited model."""
 
 import json
+import stat
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from kedit.edit import FORMAT, Edit
 from kedit.editor import Editor
 from kedit.errors import ExportError
 from kedit.export import RECORD_FILE, check_destination, clean_config, saveable
+from kedit.io import plain_mode
 from kedit.requests import EditRequest
 
 REQS = [EditRequest("The capital of {} is", "France", "Berlin", "Paris"),
@@ -56,6 +58,9 @@ def test_export_loads_in_plain_transformers_with_the_edited_logits(tiny_tok, tmp
     assert not torch.equal(edited, base)  # the edit moves the outputs, so equality below means something
     out = edit.export(model, tmp_path / "out", tiny_tok)
     assert edit.is_applied  # exporting an edit already applied leaves it applied
+    # the directory is as open as one mkdir makes (not mkdtemp's owner-only 0o700), its files likewise
+    assert stat.S_IMODE(out.stat().st_mode) == plain_mode(tmp_path / "absent", directory=True)
+    assert stat.S_IMODE((out / "config.json").stat().st_mode) & 0o044 == plain_mode(tmp_path / "absent") & 0o044
     plain = _load_plain(out)
     assert plain.dtype == dtype
     torch.testing.assert_close(_logits(plain), edited, rtol=0, atol=0)

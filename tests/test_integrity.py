@@ -3,6 +3,7 @@ caches that degrade to memory, and input validation at the edge. One test per fa
 
 import json
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from kedit.errors import (
     ReportFormatError,
     UnsupportedArchitecture,
 )
+from kedit.io import plain_mode
 from kedit.requests import EditRequest, read_requests, request_from_record
 
 REQS = [EditRequest("The capital of {} is", "France", "Berlin", "Paris"),
@@ -251,6 +253,7 @@ def test_cache_verification_detects_same_size_byte_flips(tmp_path):
     target = tmp_path / "smollm2-135m"
     _fake_cache(target)
     assert models._verify_cache(target) is None
+    assert stat.S_IMODE((target / models.MANIFEST).stat().st_mode) == plain_mode(tmp_path / "absent")
     data = bytearray((target / "model.safetensors").read_bytes())
     data[100] ^= 1
     (target / "model.safetensors").write_bytes(bytes(data))  # same size, new mtime

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
 from kedit.errors import BadRequest, CacheNotWritable, DatasetFormatError, InputFileError, KeditError
-from kedit.io import atomic_write, iter_jsonl, read_records, write_bytes, write_json, write_text
+from kedit.io import atomic_write, iter_jsonl, plain_mode, read_records, write_bytes, write_json, write_text
 
 
 def test_write_helpers_replace_the_target(tmp_path):
@@ -100,3 +102,21 @@ def test_templates_cache_written_atomically(tiny_llama, tiny_tok, monkeypatch, t
         context_templates(tiny_llama, tiny_tok, seed=5)
     folder = kedit_home() / "templates"
     assert calls and (not folder.exists() or list(folder.iterdir()) == [])
+
+
+def test_written_files_get_the_mode_a_plain_write_would(tmp_path):
+    """Temp files are owner-only (0o600); what lands must not be, or a shared cache or result is unreadable."""
+    old = os.umask(0o022)
+    try:
+        p = write_text(tmp_path / "new.json", "x")
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644
+        os.umask(0o077)
+        assert stat.S_IMODE(write_text(tmp_path / "private.json", "x").stat().st_mode) == 0o600
+        p.chmod(0o640)  # an existing file keeps its mode, as open(path, "w") would
+        assert stat.S_IMODE(write_bytes(p, b"y").stat().st_mode) == 0o640
+        p.chmod(0o444)  # read-only too: the mode is set after the temp file's fsync, so that still works
+        assert stat.S_IMODE(write_bytes(p, b"z").stat().st_mode) == 0o444 and p.read_bytes() == b"z"
+        os.umask(0o022)
+        assert plain_mode(tmp_path / "d", directory=True) == 0o755
+    finally:
+        os.umask(old)

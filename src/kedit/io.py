@@ -2,18 +2,33 @@
 
 ``atomic_write`` writes to a temp file in the target's directory, fsyncs it and renames it over the
 target; on any failure (KeyboardInterrupt included) the temp file is removed and the target is untouched.
+The result has the permissions a plain ``open(path, "w")`` would give it (an existing target's mode, else
+0o666 less the umask), not the owner-only 0o600 of the temp file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from kedit.errors import KeditError
+
+
+def plain_mode(path: Path, directory: bool = False) -> int:
+    """The mode ``open(path, "w")`` (or ``mkdir``) would leave: an existing ``path``'s, else 0o666 (0o777 for a
+    directory) less the process umask. Temp files and directories are owner-only; set this before renaming one
+    into place so that a cache, export or result is as readable as any other file the user writes."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0o022)  # read the umask: the only portable way is to set it and put it back
+        os.umask(umask)
+        return (0o777 if directory else 0o666) & ~umask
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
@@ -27,6 +42,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
         writer(tmp)
         with open(tmp, "rb+") as f:  # the data must be on disk before the rename makes it visible
             os.fsync(f.fileno())
+        os.chmod(tmp, plain_mode(path))  # last: a read-only target's mode must not stop the fsync above
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

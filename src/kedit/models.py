@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from kedit.errors import ModelFileError, ModelLoadError, ModelNotFound, NotWritable, UnsupportedArchitecture
+from kedit.io import plain_mode, write_json
 
 DEFAULT_MODEL = "smollm2-135m"
 # Families kedit is tested on; other decoder-only models load if their MLP output projection is found.
@@ -504,6 +505,7 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _write_manifest(tmp, gguf_file)
+        os.chmod(tmp, plain_mode(target, directory=True))  # not mkdtemp's owner-only 0o700: a model cache is shared
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     finally:
@@ -537,14 +539,7 @@ def _write_manifest(folder: Path, source: str, digests: dict[str, str] | None = 
                    if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
     meta = {"source": source, "files": {n: (folder / n).stat().st_size for n in sorted(digests)},
             "sha256": digests, "verified": _stamp(folder, list(digests))}
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, folder / MANIFEST)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_json(folder / MANIFEST, meta, indent=1)
 
 
 def _verify_cache(target: Path) -> str | None:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import ClassVar
 
 import torch
 
+from kedit.io import atomic_write
 from kedit.solvers.base import Delta, LayerProblem, cache_keys, solve, work
 
 
@@ -134,13 +133,5 @@ def _save_basis(path: Path, U: torch.Tensor, cut: float) -> None:
     """Write ``U`` (fp64, CPU) atomically: a temp file renamed into place, never half-written."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"U": U.detach().to("cpu", torch.float64).contiguous(),
-                   "cut": torch.tensor(cut, dtype=torch.float64)}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    tensors = {"U": U.detach().to("cpu", torch.float64).contiguous(), "cut": torch.tensor(cut, dtype=torch.float64)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
