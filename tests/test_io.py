@@ -5,11 +5,22 @@ from __future__ import annotations
 import json
 import os
 import stat
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from kedit.errors import BadRequest, CacheNotWritable, DatasetFormatError, InputFileError, KeditError
-from kedit.io import atomic_write, iter_jsonl, plain_mode, read_records, write_bytes, write_json, write_text
+from kedit.io import (
+    atomic_write,
+    iter_jsonl,
+    plain_mode,
+    read_records,
+    share_dir,
+    write_bytes,
+    write_json,
+    write_text,
+)
 
 
 def test_write_helpers_replace_the_target(tmp_path):
@@ -118,5 +129,24 @@ def test_written_files_get_the_mode_a_plain_write_would(tmp_path):
         assert stat.S_IMODE(write_bytes(p, b"z").stat().st_mode) == 0o444 and p.read_bytes() == b"z"
         os.umask(0o022)
         assert plain_mode(tmp_path / "d", directory=True) == 0o755
+    finally:
+        os.umask(old)
+
+
+def test_share_dir_opens_a_temp_tree_as_mkdir_and_plain_writes_would(tmp_path):
+    old = os.umask(0o022)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=tmp_path))  # 0o700, as the export and the model cache start
+        (tmp / "sub").mkdir(mode=0o700)
+        for f in (tmp / "model.safetensors", tmp / "sub" / "x.json"):
+            f.write_text("x")
+            f.chmod(0o600)  # as safetensors leaves its files
+        share_dir(tmp, tmp_path / "absent")
+        modes = {p.relative_to(tmp).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp.rglob("*")}
+        assert stat.S_IMODE(tmp.stat().st_mode) == 0o755
+        assert modes == {"model.safetensors": 0o644, "sub": 0o755, "sub/x.json": 0o644}
+        (tmp_path / "existing").mkdir(mode=0o750)
+        share_dir(tmp, tmp_path / "existing")  # replacing a directory keeps that directory's mode
+        assert stat.S_IMODE(tmp.stat().st_mode) == 0o750
     finally:
         os.umask(old)

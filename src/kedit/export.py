@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from kedit.errors import ExportError, KeditError
-from kedit.io import plain_mode
+from kedit.io import share_dir
 
 RECORD_FILE = "kedit-edit.json"
 DEFAULT_SHARD = "2GB"
@@ -148,7 +148,7 @@ def write_checkpoint(model, out_dir: str | Path, tokenizer=None, *, max_shard_si
             # keep the old export until the new one is in place: a failure here leaves one of the two whole
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
-        os.chmod(tmp, plain_mode(old or out, directory=True))  # not mkdtemp's owner-only 0o700: exports are shared
+        share_dir(tmp, old or out)  # not mkdtemp's owner-only 0o700 (nor safetensors' 0o600): exports are shared
         os.replace(tmp, out)  # an empty existing directory is replaced by rename(2) itself
     except OSError as e:
         if old is not None and not out.exists():

@@ -19,6 +19,12 @@ from typing import Any
 from kedit.errors import KeditError
 
 
+def _umask() -> int:
+    umask = os.umask(0o022)  # read the umask: the only portable way is to set it and put it back
+    os.umask(umask)
+    return umask
+
+
 def plain_mode(path: Path, directory: bool = False) -> int:
     """The mode ``open(path, "w")`` (or ``mkdir``) would leave: an existing ``path``'s, else 0o666 (0o777 for a
     directory) less the process umask. Temp files and directories are owner-only; set this before renaming one
@@ -26,9 +32,20 @@ def plain_mode(path: Path, directory: bool = False) -> int:
     try:
         return stat.S_IMODE(path.stat().st_mode)
     except OSError:
-        umask = os.umask(0o022)  # read the umask: the only portable way is to set it and put it back
-        os.umask(umask)
-        return (0o777 if directory else 0o666) & ~umask
+        return (0o777 if directory else 0o666) & ~_umask()
+
+
+def share_dir(tmp: Path, target: Path) -> None:
+    """Before renaming the temp directory ``tmp`` to ``target``: give it ``target``'s mode (``plain_mode``) and
+    every file under it the mode a fresh write gives, undoing the owner-only modes of mkdtemp and of writers
+    (safetensors writes 0o600)."""
+    umask = _umask()
+    for root, _, files in os.walk(tmp):
+        for name in files:
+            os.chmod(Path(root) / name, 0o666 & ~umask)
+        if Path(root) != tmp:
+            os.chmod(root, 0o777 & ~umask)
+    os.chmod(tmp, plain_mode(target, directory=True))
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from kedit.errors import ModelFileError, ModelLoadError, ModelNotFound, NotWritable, UnsupportedArchitecture
-from kedit.io import plain_mode, write_json
+from kedit.io import share_dir, write_json
 
 DEFAULT_MODEL = "smollm2-135m"
 # Families kedit is tested on; other decoder-only models load if their MLP output projection is found.
@@ -505,7 +505,7 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _write_manifest(tmp, gguf_file)
-        os.chmod(tmp, plain_mode(target, directory=True))  # not mkdtemp's owner-only 0o700: a model cache is shared
+        share_dir(tmp, target)  # not mkdtemp's owner-only 0o700 (nor safetensors' 0o600): a model cache is shared
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     finally:
