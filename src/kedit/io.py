@@ -19,32 +19,33 @@ from typing import Any
 from kedit.errors import KeditError
 
 
-def _umask() -> int:
+def _fresh_mode(directory: bool = False) -> int:
+    """The mode a new file (0o666) or directory (0o777) gets: less the process umask."""
     umask = os.umask(0o022)  # read the umask: the only portable way is to set it and put it back
     os.umask(umask)
-    return umask
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def plain_mode(path: Path, directory: bool = False) -> int:
-    """The mode ``open(path, "w")`` (or ``mkdir``) would leave: an existing ``path``'s, else 0o666 (0o777 for a
-    directory) less the process umask. Temp files and directories are owner-only; set this before renaming one
-    into place so that a cache, export or result is as readable as any other file the user writes."""
+    """The mode ``open(path, "w")`` (or ``mkdir``) would leave: an existing ``path``'s, else ``_fresh_mode``.
+    Temp files and directories are owner-only; set this before renaming one into place so that a cache,
+    export or result is as readable as any other file the user writes."""
     try:
         return stat.S_IMODE(path.stat().st_mode)
     except OSError:
-        return (0o777 if directory else 0o666) & ~_umask()
+        return _fresh_mode(directory)
 
 
 def share_dir(tmp: Path, target: Path) -> None:
     """Before renaming the temp directory ``tmp`` to ``target``: give it ``target``'s mode (``plain_mode``) and
-    every file under it the mode a fresh write gives, undoing the owner-only modes of mkdtemp and of writers
+    everything under it the mode a fresh write gives, undoing the owner-only modes of mkdtemp and of writers
     (safetensors writes 0o600)."""
-    umask = _umask()
+    file_mode, dir_mode = _fresh_mode(), _fresh_mode(directory=True)
     for root, _, files in os.walk(tmp):
         for name in files:
-            os.chmod(Path(root) / name, 0o666 & ~umask)
+            os.chmod(Path(root) / name, file_mode)
         if Path(root) != tmp:
-            os.chmod(root, 0o777 & ~umask)
+            os.chmod(root, dir_mode)
     os.chmod(tmp, plain_mode(target, directory=True))
 
 
